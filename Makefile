@@ -1,0 +1,41 @@
+# Every target works from a fresh clone: it installs what it needs first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+NOTO_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+# 8 fake CPU devices, so multi-device code runs everywhere.
+FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
+
+.PHONY: install test demo bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.txt -r requirements-dev.txt
+	@# The emoji dataset's images come from Debian's Noto Color Emoji font.
+	@if [ ! -f $(NOTO_FONT) ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && apt-get install -y -qq fonts-noto-color-emoji) \
+	      || echo "warning: could not install fonts-noto-color-emoji"; \
+	  else \
+	    echo "note: run 'sudo apt-get install fonts-noto-color-emoji' for the emoji dataset"; \
+	  fi; \
+	fi
+	touch $@
+
+test: install
+	$(FAKE_DEVICES) $(PY) -m pytest -q tests
+
+demo: install
+	$(PY) -m clip_jax.demo --workdir runs/demo
+
+bench: install
+	$(FAKE_DEVICES) $(PY) -m clip_jax.bench --out runs/bench.json
+
+lint: install
+	$(VENV)/bin/ruff check clip_jax configs tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

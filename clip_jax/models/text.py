@@ -1,0 +1,106 @@
+"""Text tower: tokens -> pre-LN transformer -> one pooled vector.
+
+Matches OpenAI CLIP's text tower (token + learned position embedding, causal
+attention, final LayerNorm, feature at the EOS token). Pooling options:
+  eos    the first position holding `eos_id` (the last position if none);
+  last   the last position (the tokenizer then repeats EOS to the end);
+  first  position 0;
+  mean   the mean over non-pad positions.
+Pad keys (token == pad_id) are masked out of attention, causal or not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from clip_jax.models import common
+
+# width, depth, mlp_dim, heads.
+VARIANTS = {
+    "mu": dict(width=32, depth=1, mlp_dim=64, heads=2),
+    "tiny": dict(width=96, depth=3, mlp_dim=384, heads=4),
+    "base": dict(width=512, depth=12, mlp_dim=2048, heads=8),
+    "large": dict(width=768, depth=12, mlp_dim=3072, heads=12),
+}
+POOLS = ("eos", "last", "first", "mean")
+
+
+def pool_tokens(x, tokens, pool: str, *, eos_id: int, pad_id: int):
+  """x [B, L, W], tokens [B, L] -> [B, W]."""
+  if pool == "first":
+    return x[:, 0]
+  if pool == "last":
+    return x[:, -1]
+  if pool == "eos":
+    is_eos = tokens == eos_id
+    index = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1),
+                      tokens.shape[1] - 1)
+    return jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
+  if pool == "mean":
+    keep = (tokens != pad_id)[..., None].astype(x.dtype)
+    return (x * keep).sum(axis=1) / jnp.maximum(keep.sum(axis=1), 1)
+  raise ValueError(f"text pool {pool!r} is not one of {POOLS}.")
+
+
+class TextTransformer(nn.Module):
+  """tokens [B, L] int -> features [B, width]."""
+  width: int
+  depth: int
+  mlp_dim: int
+  heads: int
+  vocab_size: int
+  context_length: int
+  pool: str = "eos"
+  causal: bool = True
+  eos_id: int = 1
+  pad_id: int = 0
+  activation: str = "quick_gelu"
+  dtype: Any = jnp.float32
+  remat: bool = False
+  scan: bool = False
+
+  @nn.compact
+  def __call__(self, tokens, *, train: bool = False):
+    del train
+    length = tokens.shape[1]
+    if length > self.context_length:
+      raise ValueError(
+          f"Text of {length} tokens given to a text tower with context "
+          f"length {self.context_length}; truncate in the tokenizer or raise "
+          "config.model.text.context_length.")
+    x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype,
+                 embedding_init=nn.initializers.normal(0.02),
+                 name="token_embed")(tokens)
+    pos = self.param("pos_embed", nn.initializers.normal(0.01),
+                     (self.context_length, self.width))
+    x = x + pos[:length].astype(self.dtype)
+    mask = nn.make_attention_mask(jnp.ones_like(tokens, bool),
+                                  tokens != self.pad_id)
+    if self.causal:
+      mask = nn.combine_masks(mask, nn.make_causal_mask(tokens))
+    x = common.Encoder(self.depth, self.mlp_dim, self.heads, self.activation,
+                       self.dtype, self.remat, self.scan, name="encoder")(
+                           x, mask)
+    x = nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
+    return pool_tokens(x, tokens, self.pool, eos_id=self.eos_id,
+                       pad_id=self.pad_id)
+
+
+def build(text_config, *, activation, dtype, remat, scan) -> TextTransformer:
+  dims = common.resolve_variant(text_config, VARIANTS, "text")
+  if text_config.pool not in POOLS:
+    raise ValueError(
+        f"config.model.text.pool={text_config.pool!r} is not one of {POOLS}.")
+  for key in ("vocab_size", "context_length"):
+    if text_config[key] <= 0:
+      raise ValueError(
+          f"config.model.text.{key}={text_config[key]} must be > 0.")
+  return TextTransformer(
+      **dims, vocab_size=text_config.vocab_size,
+      context_length=text_config.context_length, pool=text_config.pool,
+      causal=text_config.causal, eos_id=text_config.eos_id,
+      pad_id=text_config.pad_id, activation=activation, dtype=dtype,
+      remat=remat, scan=scan)

@@ -1,0 +1,107 @@
+"""ViT image tower: patches -> pre-LN transformer -> one pooled vector.
+
+Matches OpenAI CLIP's visual tower (bias-free conv patch embedding, class
+token, learned position embedding, LayerNorm before and after the blocks),
+with MAP (multihead attention pooling with a learned probe, as in SigLIP) as
+the alternative head. The projection to the joint space lives in two_towers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from clip_jax.models import common
+
+# width, depth, mlp_dim, heads, patch_size.
+VARIANTS = {
+    "mu": dict(width=32, depth=1, mlp_dim=64, heads=2, patch_size=8),
+    "tiny": dict(width=96, depth=3, mlp_dim=384, heads=4, patch_size=8),
+    "S/16": dict(width=384, depth=12, mlp_dim=1536, heads=6, patch_size=16),
+    "B/32": dict(width=768, depth=12, mlp_dim=3072, heads=12, patch_size=32),
+    "B/16": dict(width=768, depth=12, mlp_dim=3072, heads=12, patch_size=16),
+    "L/14": dict(width=1024, depth=24, mlp_dim=4096, heads=16, patch_size=14),
+}
+POOLS = ("cls", "map")
+
+
+class MAPHead(nn.Module):
+  """Attention pooling: a learned probe attends over the tokens."""
+  mlp_dim: int
+  heads: int
+  activation: str
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    probe = self.param("probe", nn.initializers.xavier_uniform(),
+                       (1, 1, width))
+    probe = jnp.tile(probe, (x.shape[0], 1, 1)).astype(self.dtype)
+    x = nn.MultiHeadDotProductAttention(
+        num_heads=self.heads, dtype=self.dtype, name="attn")(probe, x)
+    y = nn.LayerNorm(dtype=self.dtype, name="ln")(x)
+    x = x + common.MlpBlock(self.mlp_dim, self.activation, self.dtype,
+                            name="mlp")(y)
+    return x[:, 0]
+
+
+class ViT(nn.Module):
+  """images [B, H, W, 3] -> features [B, width]."""
+  width: int
+  depth: int
+  mlp_dim: int
+  heads: int
+  patch_size: int
+  image_size: int
+  pool: str = "cls"
+  activation: str = "quick_gelu"
+  dtype: Any = jnp.float32
+  remat: bool = False
+  scan: bool = False
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    del train  # No dropout: CLIP/SigLIP pretraining uses none.
+    if images.shape[1:3] != (self.image_size, self.image_size):
+      raise ValueError(
+          f"Images of size {images.shape[1:3]} given to an image tower built "
+          f"for {self.image_size}x{self.image_size}; resize them or set "
+          "config.model.image.image_size.")
+    p = self.patch_size
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID",
+                use_bias=False, dtype=self.dtype, name="patch_embed")(
+                    images.astype(self.dtype))
+    x = x.reshape(x.shape[0], -1, self.width)
+    if self.pool == "cls":
+      cls = self.param("cls", nn.initializers.normal(self.width ** -0.5),
+                       (self.width,))
+      cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, self.width))
+      x = jnp.concatenate([cls, x], axis=1)
+    pos = self.param("pos_embed", nn.initializers.normal(self.width ** -0.5),
+                     (x.shape[1], self.width))
+    x = x + pos.astype(self.dtype)
+    x = nn.LayerNorm(dtype=self.dtype, name="ln_pre")(x)
+    x = common.Encoder(self.depth, self.mlp_dim, self.heads, self.activation,
+                       self.dtype, self.remat, self.scan, name="encoder")(x)
+    x = nn.LayerNorm(dtype=self.dtype, name="ln_post")(x)
+    if self.pool == "cls":
+      return x[:, 0]
+    return MAPHead(self.mlp_dim, self.heads, self.activation, self.dtype,
+                   name="map_head")(x)
+
+
+def build(image_config, *, activation, dtype, remat, scan) -> ViT:
+  dims = common.resolve_variant(image_config, VARIANTS, "image")
+  if image_config.pool not in POOLS:
+    raise ValueError(
+        f"config.model.image.pool={image_config.pool!r} is not one of {POOLS}.")
+  if image_config.image_size % dims["patch_size"]:
+    raise ValueError(
+        f"config.model.image.image_size={image_config.image_size} is not a "
+        f"multiple of the patch size {dims['patch_size']}.")
+  return ViT(**dims, image_size=image_config.image_size,
+             pool=image_config.pool, activation=activation, dtype=dtype,
+             remat=remat, scan=scan)

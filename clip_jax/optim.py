@@ -1,0 +1,82 @@
+"""The optax chain from config: clipping, AdamW, warmup + decay schedule.
+
+Config keys (top level of the experiment config):
+  lr:             peak learning rate.
+  wd:             decoupled weight decay (AdamW's, multiplied by the lr).
+  wd_exclude:     regex; parameters whose '/'-joined path matches it get no
+                  decay. Parameters with fewer than 2 dims (biases, norm
+                  scales, logit scale/bias) never decay.
+  adam.b1/b2/eps: AdamW moments; CLIP used b2=0.98, eps=1e-6.
+  grad_clip_norm: clip the global gradient norm to this value; None = off.
+  schedule:       'cosine' | 'linear' | 'constant' after the linear warmup.
+  min_lr_ratio:   final lr as a fraction of `lr` for 'cosine'/'linear'.
+  warmup_*:       warmup duration (steps/examples/epochs, see config.steps).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import optax
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def path_str(path) -> str:
+  """'img/encoder/block0/kernel' from a jax tree path."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def decay_mask(params, exclude_regex: str | None):
+  """True where weight decay applies: >= 2 dims and not matched by regex."""
+  pattern = re.compile(exclude_regex) if exclude_regex else None
+
+  def decays(path, leaf):
+    if leaf.ndim < 2:
+      return False
+    return not (pattern and pattern.search(path_str(path)))
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_schedule(config, *, total_steps: int, warmup_steps: int):
+  """Linear warmup from 0 to `config.lr`, then the configured decay."""
+  if config.schedule not in SCHEDULES:
+    raise ValueError(
+        f"config.schedule={config.schedule!r} is not one of {SCHEDULES}.")
+  if warmup_steps > total_steps:
+    raise ValueError(
+        f"warmup ({warmup_steps} steps) is longer than the run "
+        f"({total_steps} steps); shorten config.warmup_*.")
+  peak, end = config.lr, config.lr * config.min_lr_ratio
+  decay_steps = max(total_steps - warmup_steps, 1)
+  if config.schedule == "cosine":
+    after = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak)
+  elif config.schedule == "linear":
+    after = optax.linear_schedule(peak, end, decay_steps)
+  else:
+    after = optax.constant_schedule(peak)
+  warmup = optax.linear_schedule(0.0, peak, max(warmup_steps, 1))
+  return optax.join_schedules([warmup, after], [warmup_steps])
+
+
+def make_optimizer(config, params, *, total_steps: int, warmup_steps: int):
+  """Returns (optax transformation, lr schedule)."""
+  schedule = make_schedule(config, total_steps=total_steps,
+                           warmup_steps=warmup_steps)
+  chain = []
+  if config.grad_clip_norm is not None:
+    chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  chain.append(optax.adamw(
+      schedule, b1=config.adam.b1, b2=config.adam.b2, eps=config.adam.eps,
+      weight_decay=config.wd, mask=decay_mask(params, config.wd_exclude)))
+  return optax.chain(*chain), schedule

@@ -1,0 +1,83 @@
+r"""CLIP (Radford et al. 2021): softmax InfoNCE, learnable temperature.
+
+  python -m clip_jax.train --config configs/clip.py --workdir runs/clip
+  python -m clip_jax.train --config configs/clip.py:model=B/16,batch=4096 ...
+  python -m clip_jax.train --config configs/clip.py:tiny --workdir runs/t
+
+Arguments (after the colon, comma-separated):
+  model   image tower variant: B/32 (default), B/16, L/14, S/16, tiny, mu.
+  loss    softmax (default), sigmoid, sigmoid_chunked.
+  batch   global batch size (default 32768, the paper's).
+  tiny    CPU-sized towers, 32 px synthetic data, a few steps (for smoke
+          tests and development).
+The paper recipe: AdamW lr 5e-4, b2 0.98, eps 1e-6, wd 0.2, 2,000 warmup
+steps, cosine decay, 32 epochs of 400M pairs, temperature init 0.07 and
+logit scale capped at 100. Point config.data at your image-text data.
+"""
+
+import ml_collections
+
+from clip_jax import config as config_lib
+
+TEXT_FOR_IMAGE = {"L/14": "large"}  # CLIP's L/14 has a 768-wide text tower.
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, model="B/32", loss="softmax", batch=32768,
+                             tiny=False)
+  c = config_lib.base_config()
+  c.loss = arg.loss
+  c.batch_size = arg.batch
+  c.total_examples = 32 * 400_000_000
+  c.warmup_steps = 2000
+  c.lr = 5e-4
+  c.wd = 0.2
+  c.adam.b2 = 0.98
+  c.adam.eps = 1e-6
+
+  c.model = ml_collections.ConfigDict(dict(
+      embed_dim=768 if arg.model == "L/14" else 512,
+      logit_scale_init=1 / 0.07,
+      logit_scale_max=100.0,
+      logit_bias_init=None,
+      dtype="bfloat16",
+      activation="quick_gelu",
+      remat=False,
+      scan=False,
+      image=dict(variant=arg.model, image_size=224, pool="cls"),
+      text=dict(variant=TEXT_FOR_IMAGE.get(arg.model, "base"),
+                vocab_size=49408, context_length=77, pool="eos",
+                causal=True, eos_id=1, pad_id=0),
+  ))
+  if arg.loss != "softmax":
+    c.model.logit_scale_init = 10.0
+    c.model.logit_scale_max = None
+    c.model.logit_bias_init = -10.0
+
+  from clip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  c.data = pipeline.default_data_config()
+  c.data.image_size = c.model.image.image_size
+  c.data.context_length = c.model.text.context_length
+  c.data.vocab_size = c.model.text.vocab_size
+
+  if arg.tiny:
+    make_tiny(c, arg.batch if arg.batch != 32768 else 64)
+  return c
+
+
+def make_tiny(c, batch):
+  """Shrinks a recipe to CPU size, keeping its loss and optimiser."""
+  c.batch_size = batch
+  c.total_examples = None
+  c.total_steps = 20
+  c.warmup_steps = 2
+  c.log_every_steps = 5
+  c.checkpoint_every_steps = 10
+  c.model.embed_dim = 32
+  c.model.dtype = "float32"
+  c.model.image.update(variant="mu", image_size=32, patch_size=8)
+  c.model.text.update(variant="mu", vocab_size=64, context_length=8)
+  c.data.source = "synthetic"
+  c.data.image_size = 32
+  c.data.context_length = 8
+  c.data.vocab_size = 64

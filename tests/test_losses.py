@@ -1,0 +1,181 @@
+"""Losses vs a float64 NumPy formula with hand-derived gradients.
+
+Every loss, dense and sharded over five mesh shapes, must give the NumPy
+value and the NumPy gradients w.r.t. both embeddings, the scale and the bias.
+The sharded losses must also never build an N x N logits buffer on a device
+nor all-reduce an [N, D] gradient.
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from clip_jax import losses
+from clip_jax import sharding as sharding_lib
+
+N, D = 64, 32
+MESH_SHAPES = [(1, 1), (8, 1), (4, 2), (2, 4), (1, 8)]
+
+
+def _log_sigmoid(x):
+  return -np.logaddexp(0.0, -x)
+
+
+def _sigmoid(x):
+  return np.exp(_log_sigmoid(x))
+
+
+def _softmax(x, axis):
+  x = x - x.max(axis=axis, keepdims=True)
+  e = np.exp(x)
+  return e / e.sum(axis=axis, keepdims=True)
+
+
+def numpy_softmax(a, b, s, bias):
+  """Value and grads (a, b, s, bias) of CLIP's loss, float64."""
+  del bias
+  n = len(a)
+  sim = a @ b.T
+  z = s * sim
+  lse_rows = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+  lse_cols = np.log(np.exp(z - z.max(0, keepdims=True)).sum(0)) + z.max(0)
+  diag = np.diag(z)
+  value = ((lse_rows - diag).sum() + (lse_cols - diag).sum()) / (2 * n)
+  eye = np.eye(n)
+  g = ((_softmax(z, 1) - eye) + (_softmax(z, 0) - eye)) / (2 * n)  # dL/dz
+  return value, (s * g @ b, s * g.T @ a, (g * sim).sum(), 0.0)
+
+
+def numpy_sigmoid(a, b, s, bias):
+  """Value and grads of SigLIP's loss (sum over pairs / N), float64."""
+  n = len(a)
+  sim = a @ b.T
+  z = s * sim + bias
+  y = 2 * np.eye(n) - 1
+  value = -_log_sigmoid(y * z).sum() / n
+  g = -y * _sigmoid(-y * z) / n  # dL/dz
+  return value, (s * g @ b, s * g.T @ a, (g * sim).sum(), g.sum())
+
+
+REFERENCE = {"softmax": numpy_softmax, "sigmoid": numpy_sigmoid,
+             "sigmoid_chunked": numpy_sigmoid}
+
+
+def _unit(x):
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _embeddings(n=N, seed=0):
+  rng = np.random.default_rng(seed)
+  a = _unit(rng.normal(size=(n, D)))
+  b = _unit(a + 0.7 * rng.normal(size=(n, D)))  # Correlated pairs.
+  return a, b
+
+
+@functools.lru_cache(maxsize=None)
+def _mesh(shape):
+  devices = jax.devices()[:shape[0] * shape[1]]
+  return sharding_lib.make_mesh(
+      ml_collections.ConfigDict(dict(data=shape[0], fsdp=shape[1])), devices)
+
+
+@functools.lru_cache(maxsize=None)
+def _value_and_grad(name, shape):
+  mesh = None if shape is None else _mesh(shape)
+  fn = functools.partial(losses.get_loss(name), mesh=mesh)
+  return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2, 3)))
+
+
+def _check(name, shape, a, b, s, bias, rtol=2e-5):
+  fn = _value_and_grad(name, shape)
+  if shape is not None:
+    sharding = sharding_lib.batch_sharding(_mesh(shape))
+    args = (jax.device_put(jnp.float32(a), sharding),
+            jax.device_put(jnp.float32(b), sharding))
+  else:
+    args = (jnp.float32(a), jnp.float32(b))
+  value, grads = fn(*args, jnp.float32(s), jnp.float32(bias))
+  ref_value, ref_grads = REFERENCE[name](a, b, s, bias)
+  np.testing.assert_allclose(float(value), ref_value, rtol=rtol)
+  for got, want, what in zip(grads, ref_grads, ("zimg", "ztxt", "scale",
+                                                "bias")):
+    # float32 rounding relative to the gradient's own magnitude (with a floor
+    # for gradients that are exactly zero, e.g. identical pairs).
+    atol = rtol * max(np.abs(want).max(), 1e-2)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=rtol, atol=atol,
+                               err_msg=f"{name} {shape} d/d{what}")
+
+
+@pytest.mark.parametrize("shape", [None] + MESH_SHAPES)
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_value_and_grads_match_numpy(name, shape):
+  a, b = _embeddings()
+  _check(name, shape, a, b, s=10.0, bias=-3.0)
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_batch_equal_to_device_count(name):
+  a, b = _embeddings(n=8, seed=1)
+  _check(name, (8, 1), a, b, s=1 / 0.07, bias=-10.0)
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_identical_pairs(name):
+  a = _unit(np.ones((N, D)))  # Every image and text is the same vector.
+  _check(name, (2, 4), a, a.copy(), s=10.0, bias=-10.0)
+
+
+@pytest.mark.parametrize("scale", [100.0, 1000.0])
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_very_large_scale_is_finite_and_exact(name, scale):
+  a, b = _embeddings(seed=2)
+  # float32 logits of size ~scale lose ~scale * 6e-8 absolutely.
+  _check(name, (4, 2), a, b, s=scale, bias=-10.0, rtol=2e-4)
+
+
+def test_batch_not_divisible_by_devices():
+  a, b = _embeddings(n=12)
+  with pytest.raises(ValueError, match="12 examples cannot be split over the "
+                     "8 devices"):
+    losses.softmax_loss(jnp.float32(a), jnp.float32(b), 1.0, mesh=_mesh((8, 1)))
+
+
+def test_unknown_loss_lists_valid_names():
+  with pytest.raises(ValueError, match="'infonce'.*sigmoid, sigmoid_chunked, "
+                     "softmax"):
+    losses.get_loss("infonce")
+
+
+def _shapes_in_hlo(hlo):
+  return {tuple(int(d) for d in dims.split(",") if d)
+          for dims in re.findall(r"f32\[([\d,]*)\]", hlo)}
+
+
+@pytest.mark.parametrize("shape", [(8, 1), (2, 4)])
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_compiled_memory_and_communication(name, shape):
+  mesh = _mesh(shape)
+  sharding = sharding_lib.batch_sharding(mesh)
+  a, b = (jax.device_put(jnp.float32(x), sharding) for x in _embeddings())
+  hlo = _value_and_grad(name, shape).lower(
+      a, b, jnp.float32(10.0), jnp.float32(-1.0)).compile().as_text()
+  shapes = _shapes_in_hlo(hlo)
+  n_local = N // mesh.size
+  assert (N, N) not in shapes  # No device holds the full logits matrix.
+  assert (n_local, N) in shapes or name == "sigmoid_chunked"
+  if name == "sigmoid_chunked":
+    assert (n_local, N) not in shapes and (N, n_local) not in shapes
+    assert (n_local, n_local) in shapes
+  # Only scalars are all-reduced: the embedding gradients come back through
+  # reduce-scatter (the transpose of all_gather), never an [N, D] all-reduce.
+  for line in hlo.splitlines():
+    if re.search(r"\ball-reduce(-start)?\(", line):
+      result_type = line.split("=", 1)[1].split("all-reduce")[0]
+      assert not re.search(r"f32\[\d", result_type), line
+  if name != "sigmoid_chunked":
+    assert "reduce-scatter" in hlo or "all-to-all" in hlo or mesh.size == 1
