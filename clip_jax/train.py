@@ -18,7 +18,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from clip_jax import checkpoint as checkpoint_lib
@@ -28,6 +28,7 @@ from clip_jax import metrics as metrics_lib
 from clip_jax import optim
 from clip_jax import sharding as sharding_lib
 from clip_jax import train_state
+from clip_jax.evals import run as eval_run
 from clip_jax.models import two_towers
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -69,6 +70,15 @@ class _Preemption:
 def make_train_data(config, mesh):
   """The per-process training iterator and the dataset size (or None)."""
   from clip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from clip_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  if config.data.context_length != config.model.text.context_length:
+    raise ValueError(
+        f"config.data.context_length={config.data.context_length} differs "
+        f"from config.model.text.context_length="
+        f"{config.model.text.context_length}; set both to the same value.")
+  tokenizer = pipeline.get_tokenizer(config.data)
+  if tokenizer is not None:
+    tokenizer_lib.check_vocab(tokenizer, config.model.text.vocab_size)
   return pipeline.make_train_iterator(
       config.data, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
@@ -130,6 +140,19 @@ def train(config, workdir: str, *, data=None):
   has_bias = config.model.get("logit_bias_init") is not None
   step = int(jax.device_get(state["step"]))
   last_metrics, skipped = {}, 0
+
+  def run_evals(step):
+    names = eval_run.due(config, step, total_steps)
+    if not names:
+      return {}
+    start = time.perf_counter()
+    results = eval_run.run_all(config, model, state["params"], mesh, names)
+    results["eval/seconds"] = time.perf_counter() - start
+    writer.write(step, results)
+    return results
+
+  if step == 0:
+    last_metrics.update(run_evals(0))
   window_start, window_steps = None, 0
   while step < total_steps:
     local_batch = next(data_iter)
@@ -153,8 +176,12 @@ def train(config, workdir: str, *, data=None):
             window_steps * config.batch_size / elapsed)
       metrics["data/skipped"] = skipped
       writer.write(step, metrics)
-      last_metrics = metrics
+      last_metrics.update(metrics)
       window_start, window_steps = time.perf_counter(), 0
+    evals = run_evals(step)
+    if evals:
+      last_metrics.update(evals)
+      window_start, window_steps = time.perf_counter(), 0  # Not training.
     if ckpt.should_save(step) or step == total_steps or preemption.requested:
       ckpt.save(step, state, checkpointed_iter)
     if preemption.requested:
@@ -170,6 +197,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required.")
+  # orbax logs every save step at INFO; keep stdout for the run's metrics.
+  logging.set_verbosity(logging.WARNING)
   init_distributed()
   train(_CONFIG.value, _WORKDIR.value)
 

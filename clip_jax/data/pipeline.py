@@ -219,7 +219,8 @@ def eval_batches(data_config, split: str, batch_size: int):
   """Every example of a split once, in order, in batches of `batch_size`.
 
   The last batch is padded to full size; 'mask' (float32 [b]) is 1 for real
-  rows. Bad examples are kept with mask 0 (and counted by the caller).
+  rows, 'index' the row's position in the source. Bad examples are kept with
+  mask 0 (and counted by the caller).
   """
   tokenizer = get_tokenizer(data_config)
   source = sources.get_source(data_config, split)
@@ -232,5 +233,6 @@ def eval_batches(data_config, split: str, batch_size: int):
     rows += [rows[-1]] * pad
     batch = {k: np.stack([r[k] for r in rows])
              for k in ("image", "text", "label")}
+    batch["index"] = np.arange(start, start + batch_size, dtype=np.int32)
     batch["mask"] = np.concatenate([mask, np.zeros(pad, np.float32)])
     yield batch
