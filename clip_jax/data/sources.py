@@ -24,7 +24,7 @@ md5(its name) is < 26 (about 10%); its variants follow it.
   openmoji          OpenMoji renderings of every emoji (an unseen style).
 Zero-shot classes (`emoji_class_names`): the base names, skin-tone variants
 left out; `openmoji` is N-way over all of them, `heldout_concepts` over the
-held-out ones. Prepared once into `$CLIP_JAX_CACHE/emoji-v1` (default
+held-out ones. Prepared once into `$CLIP_JAX_CACHE/emoji-v2` (default
 ~/.cache/clip_jax) as one .npy of images and one .json of records per split.
 """
 
@@ -35,6 +35,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -43,7 +44,8 @@ NOTO_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 EMOJI_SPLITS = ("train", "heldout_concepts", "openmoji")
 RENDER_SIZE = 64
 _SKIN_TONES = {chr(c) for c in range(0x1F3FB, 0x1F400)}
-_CACHE_VERSION = "emoji-v1"
+_SKIN_TONE_NAME = re.compile(r"(_(medium-)?(light|medium|dark)_skin_tone)+")
+_CACHE_VERSION = "emoji-v2"
 
 
 def cache_root(cache_dir: str | None = None) -> str:
@@ -62,10 +64,22 @@ def emoji_catalogue():
   data = emoji.EMOJI_DATA
   qualified = {e for e, v in data.items()
                if v["status"] == emoji.STATUS["fully_qualified"]}
+  # A variant's base: the same sequence without skin tones, compared without
+  # variation selectors ('☝🏻' -> '☝️', which is fully qualified with U+FE0F).
+  key = lambda e: "".join(c for c in e if c not in _SKIN_TONES and
+                          c != "\ufe0f")
+  toneless = {key(e): e for e in qualified
+              if not any(c in _SKIN_TONES for c in e)}
+  # Multi-person sequences ('men holding hands: light skin tone, medium skin
+  # tone') differ in code points from their base; match those by name.
+  by_name = {data[e]["en"]: e for e in qualified
+             if not any(c in _SKIN_TONES for c in e)}
   rows = []
   for e in sorted(qualified):
-    base = "".join(c for c in e if c not in _SKIN_TONES)
-    base = base if base in qualified else e
+    name = _SKIN_TONE_NAME.sub("", data[e]["en"])
+    # ':kiss_person_person_light_skin_tone...:' belongs to ':kiss:'.
+    base = (toneless.get(key(e)) or by_name.get(name) or
+            by_name.get(name.replace("_person_person", ""), e))
     names = [data[e]["en"]] + list(data[e].get("alias", []))
     captions = list(dict.fromkeys(name_to_caption(n) for n in names))
     rows.append((e, base, captions))
