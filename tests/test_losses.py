@@ -3,7 +3,9 @@
 Every loss, dense and sharded over five mesh shapes, must give the NumPy
 value and the NumPy gradients w.r.t. both embeddings, the scale and the bias.
 The sharded losses must also never build an N x N logits buffer on a device
-nor all-reduce an [N, D] gradient.
+nor all-reduce an [N, D] gradient, and the ring (sigmoid_chunked) must hold
+no more than one [n, n] logits block and one [n, D] block of embeddings at a
+time, backward included.
 """
 
 import functools
@@ -130,19 +132,34 @@ def test_identical_pairs(name):
   _check(name, (2, 4), a, a.copy(), s=10.0, bias=-10.0)
 
 
+@pytest.mark.parametrize("shape", [None, (4, 2)])
 @pytest.mark.parametrize("scale", [100.0, 1000.0])
 @pytest.mark.parametrize("name", sorted(losses.LOSSES))
-def test_very_large_scale_is_finite_and_exact(name, scale):
+def test_very_large_scale_is_finite_and_exact(name, scale, shape):
   a, b = _embeddings(seed=2)
   # float32 logits of size ~scale lose ~scale * 6e-8 absolutely.
-  _check(name, (4, 2), a, b, s=scale, bias=-10.0, rtol=2e-4)
+  _check(name, shape, a, b, s=scale, bias=-10.0, rtol=2e-4)
 
 
-def test_batch_not_divisible_by_devices():
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_eager_call_with_unsharded_bfloat16_inputs(name):
+  """No outer jit, host arrays: shard_map places them itself (Auto mesh)."""
+  a, b = _embeddings(seed=3)
+  a16, b16 = (np.asarray(jnp.asarray(x, jnp.bfloat16)) for x in (a, b))
+  value = losses.get_loss(name)(a16, b16, 10.0, -3.0, mesh=_mesh((2, 4)))
+  assert value.dtype == jnp.float32
+  ref_value, _ = REFERENCE[name](a16.astype(np.float64),
+                                 b16.astype(np.float64), 10.0, -3.0)
+  np.testing.assert_allclose(float(value), ref_value, rtol=2e-5)
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_batch_not_divisible_by_devices(name):
   a, b = _embeddings(n=12)
   with pytest.raises(ValueError, match="12 examples cannot be split over the "
                      "8 devices"):
-    losses.softmax_loss(jnp.float32(a), jnp.float32(b), 1.0, mesh=_mesh((8, 1)))
+    losses.get_loss(name)(jnp.float32(a), jnp.float32(b), 1.0, 0.0,
+                          mesh=_mesh((8, 1)))
 
 
 def test_unknown_loss_lists_valid_names():
@@ -169,8 +186,13 @@ def test_compiled_memory_and_communication(name, shape):
   assert (N, N) not in shapes  # No device holds the full logits matrix.
   assert (n_local, N) in shapes or name == "sigmoid_chunked"
   if name == "sigmoid_chunked":
-    assert (n_local, N) not in shapes and (N, n_local) not in shapes
+    # One [n, n] logits block and one [n, D] block of embeddings at a time:
+    # nothing gathered, and no per-step residuals stacked for the backward.
     assert (n_local, n_local) in shapes
+    biggest = max(np.prod(s, dtype=int) for s in shapes)
+    assert biggest <= max(n_local * D, n_local**2), sorted(shapes)
+    assert "all-gather" not in hlo and "collective-permute" in hlo
+    assert "while" in hlo  # A loop over the ring, not unrolled per device.
   # Only scalars are all-reduced: the embedding gradients come back through
   # reduce-scatter (the transpose of all_gather), never an [N, D] all-reduce.
   for line in hlo.splitlines():
