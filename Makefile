@@ -6,7 +6,7 @@ NOTO_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 # 8 fake CPU devices, so multi-device code runs everywhere.
 FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench bench-data data lint clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,12 @@ demo: install
 
 bench: install
 	$(FAKE_DEVICES) $(PY) -m clip_jax.bench --out runs/bench.json
+
+data: install
+	$(PY) -m clip_jax.data.sources prepare-emoji
+
+bench-data: install
+	$(PY) -m clip_jax.data.bench --fresh --out runs/data_bench.json
 
 lint: install
 	$(VENV)/bin/ruff check clip_jax configs tests

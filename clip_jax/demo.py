@@ -1,6 +1,6 @@
 """`make demo`: prepare the emoji data, train configs/demo.py, print results.
 
-  python -m clip_jax.demo --workdir runs/demo [--config configs/demo.py:steps=N]
+  python -m clip_jax.demo [--workdir runs/demo] [--config configs/demo.py:steps=N]
 
 Re-running on a finished workdir trains nothing (it resumes at the end) and
 prints the recorded results again; use a new --workdir for a new run.
@@ -15,10 +15,10 @@ import time
 from absl import app, flags, logging
 
 from clip_jax import config as config_lib
+from clip_jax import train  # Defines --config and --workdir.
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Run directory.")
-_CONFIG = flags.DEFINE_string("config", "configs/demo.py",
-                              "Config file[:args] of the demo run.")
+DEFAULT_CONFIG = "configs/demo.py"
+DEFAULT_WORKDIR = "runs/demo"
 
 ROWS = [
     ("zero-shot openmoji (unseen style, %d-way)", "openmoji",
@@ -85,19 +85,18 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   start = time.time()
-  path, _, arg = _CONFIG.value.partition(":")
-  config = config_lib.load_config_file(path, arg or None)
-  from clip_jax import train  # pylint: disable=g-import-not-at-top
+  config = flags.FLAGS.config or config_lib.load_config_file(DEFAULT_CONFIG)
+  workdir = flags.FLAGS.workdir or DEFAULT_WORKDIR
   from clip_jax.data import sources  # pylint: disable=g-import-not-at-top
-  sources.prepare_emoji(config.data.get("cache_dir"))
-  train.train(config, _WORKDIR.value)
-  records = read_metrics(_WORKDIR.value)
+  sources.emoji_source(config.data, "train")  # Prepares the cache once.
+  train.train(config, workdir)
+  records = read_metrics(workdir)
   class_counts = {name: len(sources.emoji_class_names(config.data, name))
                   for _, name, _ in ROWS}
-  png = os.path.join(_WORKDIR.value, "curves.png")
+  png = os.path.join(workdir, "curves.png")
   plot(records, png)
   print(format_table(final_evals(records), class_counts, time.time() - start))
-  print(f"metrics: {_WORKDIR.value}/metrics.jsonl, curves: {png}")
+  print(f"metrics: {workdir}/metrics.jsonl, curves: {png}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Data: emoji splits and rendering, file sources, tokenizer, pipeline."""
+"""Input pipeline and transforms: order, sharding, state, bad data."""
 
+import io
 import json
 import os
 
@@ -7,213 +8,349 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_jax.data import pipeline, sources, tokenizer as tokenizer_lib
-from clip_jax.data import transforms
+from clip_jax.data import pipeline, sources, transforms
+from clip_jax.data import tokenizer as tokenizer_lib
+
+# ------------------------------------------------------------- transforms --
 
 
-# --- emoji -----------------------------------------------------------------
-
-def test_emoji_splits_are_deterministic_disjoint_and_keep_variants_together():
-  records, names = sources._emoji_records()  # pylint: disable=protected-access
-  again, _ = sources._emoji_records()  # pylint: disable=protected-access
-  assert records == again
-  train = {e for e, _, _ in records["train"]}
-  held = {e for e, _, _ in records["heldout_concepts"]}
-  assert not train & held
-  assert len(records["openmoji"]) == len(train) + len(held)
-  assert 0.07 < len(names["heldout_concepts"]) / len(names["openmoji"]) < 0.13
-  # Skin-tone variants are in their base emoji's split.
-  thumbs = "\U0001F44D"
-  for tone in range(0x1F3FB, 0x1F400):
-    assert ((thumbs + chr(tone)) in train) == (thumbs in train)
-  # Class lists leave skin-tone variants out.
-  assert not any("skin tone" in n for n in names["openmoji"]
-                 if n not in ("light skin tone", "medium-light skin tone",
-                              "medium skin tone", "medium-dark skin tone",
-                              "dark skin tone"))
-
-
-def test_caption_from_name():
-  assert sources.name_to_caption(":red_apple:") == "red apple"
-  catalogue = {e: caps for e, _, caps in sources.emoji_catalogue()}
-  assert catalogue["\U0001F34E"][0] == "red apple"
-  assert "thumbsup" in catalogue["\U0001F44D"]  # Aliases are captions too.
-
-
-@pytest.mark.skipif(not os.path.exists(sources.NOTO_FONT),
-                    reason="fonts-noto-color-emoji not installed")
-def test_rendering_is_centred_and_coloured(tmp_path):
-  fonts = sources._fonts()  # pylint: disable=protected-access
-  for font in fonts.values():
-    pixels = sources.render_emoji(font, "\U0001F34E")  # Red apple.
-    assert pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8
-    ink = (pixels < 245).any(-1)
-    ys, xs = np.nonzero(ink)
-    assert abs((xs.min() + xs.max()) / 2 - 31.5) < 3
-    assert abs((ys.min() + ys.max()) / 2 - 31.5) < 3
-    red = pixels[..., 0].astype(int) - pixels[..., 1]
-    assert (red > 80).sum() > 100  # A red apple, not a grey outline.
-  root = sources.prepare_emoji(str(tmp_path), limit=4, verbose=False)
-  images = np.load(os.path.join(root, "openmoji.npy"))
-  with open(os.path.join(root, "openmoji.json")) as f:
-    meta = json.load(f)
-  assert images.shape[0] == len(meta["records"]) <= 4
-
-
-# --- file sources, bad input -------------------------------------------------
-
-def _write_images(folder, n, bad=()):
-  os.makedirs(folder, exist_ok=True)
+def test_normalize_matches_numpy_formula():
   rng = np.random.default_rng(0)
-  for i in range(n):
-    path = os.path.join(folder, f"img{i}.png")
-    if i in bad:
-      with open(path, "wb") as f:
-        f.write(b"not a png")
-    else:
-      Image.fromarray(rng.integers(0, 256, (20, 24, 3), np.uint8)).save(path)
-    with open(os.path.join(folder, f"img{i}.txt"), "w") as f:
-      f.write(f"caption number {i}")
+  pixels = rng.integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
+  mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)
+  expected = (pixels / 255.0 - np.array(mean)) / np.array(std)
+  out = transforms.normalize(pixels, mean, std)
+  assert out.dtype == np.float32
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  clip = (pixels / 255.0 - np.array(transforms.CLIP_MEAN)) / np.array(
+      transforms.CLIP_STD)
+  np.testing.assert_allclose(transforms.normalize(pixels), clip, atol=1e-5)
 
 
-def _data_config(**kw):
+def _bands(width=30, height=20):
+  """Red left third, green middle, blue right third."""
+  pixels = np.zeros((height, width, 3), np.uint8)
+  pixels[:, :width // 3, 0] = 255
+  pixels[:, width // 3:2 * width // 3, 1] = 255
+  pixels[:, 2 * width // 3:, 2] = 255
+  return pixels
+
+
+def test_eval_geometry_is_a_centre_square():
+  out = transforms.preprocess_image(_bands(), 10)  # 30x20 -> centre 20x20.
+  assert out.shape == (10, 10, 3) and out.dtype == np.uint8
+  # The centre square spans x in [5, 25): red, green, blue in thirds of
+  # 5/20, 10/20 and 5/20 of its width.
+  assert out[5, 0, 0] > 200 and out[5, 5, 1] > 200 and out[5, 9, 2] > 200
+
+
+def test_random_crop_and_flip_are_functions_of_the_rng():
+  image = _bands()
+  crop = (0.3, 0.6)
+  a = transforms.preprocess_image(image, 8, np.random.default_rng(1),
+                                  crop_scale=crop)
+  b = transforms.preprocess_image(image, 8, np.random.default_rng(1),
+                                  crop_scale=crop)
+  np.testing.assert_array_equal(a, b)
+  outs = {transforms.preprocess_image(image, 8, np.random.default_rng(s),
+                                      crop_scale=crop).tobytes()
+          for s in range(10)}
+  assert len(outs) > 5
+  # Flips are off by default: red always stays on the left of blue.
+  for s in range(10):
+    out = transforms.preprocess_image(image, 30, np.random.default_rng(s))
+    assert out[0, 0, 0] > 200 and out[0, -1, 2] > 200
+  flipped = [transforms.preprocess_image(image, 30, np.random.default_rng(s),
+                                         flip=True)[0, 0, 2] > 200
+             for s in range(20)]
+  assert 0 < sum(flipped) < 20
+
+
+def test_decode_formats():
+  rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # Transparent -> white.
+  buf = io.BytesIO()
+  rgba.save(buf, format="PNG")
+  assert (np.asarray(transforms.decode(buf.getvalue())) == 255).all()
+  gray = np.full((4, 4), 7, np.uint8)
+  assert np.asarray(transforms.decode(gray)).shape == (4, 4, 3)
+  with pytest.raises(OSError):  # PIL's UnidentifiedImageError.
+    transforms.decode(b"not an image")
+
+
+# --------------------------------------------------------------- pipeline --
+
+
+def _config(**overrides):
   c = pipeline.default_data_config()
-  c.update(dict(image_size=16, context_length=8, vocab_size=40), **kw)
+  c.update(source="synthetic", synthetic_size=48, image_size=4,
+           context_length=6, vocab_size=1000, prefetch=2)
+  c.update(overrides)
   return c
 
 
-def test_folder_csv_and_jsonl_sources_agree(tmp_path):
-  _write_images(tmp_path / "imgs", 3)
-  with open(tmp_path / "pairs.csv", "w") as f:
-    f.write("image,caption\n" + "".join(
-        f"imgs/img{i}.png,caption number {i}\n" for i in range(3)))
-  with open(tmp_path / "pairs.jsonl", "w") as f:
-    for i in range(3):
-      f.write(json.dumps({"image": f"imgs/img{i}.png",
-                          "captions": [f"caption number {i}"]}) + "\n")
-  loaded = [sources.FileListSource(str(p)) for p in
-            (tmp_path / "imgs", tmp_path / "pairs.csv", tmp_path / "pairs.jsonl")]
-  for src in loaded:
-    assert len(src) == 3
-    assert [os.path.basename(src[i]["image"]) for i in range(3)] == [
-        "img0.png", "img1.png", "img2.png"]
-    assert src[2]["captions"] == ["caption number 2"]
-  with pytest.raises(ValueError, match="expected a folder, a .csv or a .jsonl"):
-    sources.FileListSource(str(tmp_path / "pairs.txt"))
+def _ids(batch):
+  """Synthetic examples are identified by their (unique) tokens."""
+  return [tuple(row) for row in batch["text"]]
 
 
-def _tokenizer(tmp_path):
-  words = [f"caption number {i} word{i % 7}" for i in range(200)]
-  return tokenizer_lib.train(words, 40, str(tmp_path / "tok.model"))
+def _synthetic_id_to_index(config):
+  source = sources.get_source(config, "train")
+  return {tuple(source[i]["tokens"]): i for i in range(len(source))}
 
 
-def test_bad_images_are_skipped_and_counted(tmp_path):
-  _write_images(tmp_path / "imgs", 10, bad={3, 7})
-  tok = _tokenizer(tmp_path)
-  config = _data_config(source="folder", path=str(tmp_path / "imgs"),
-                        tokenizer=str(tmp_path / "tok.model"))
-  it, size = pipeline.make_train_iterator(config, global_batch_size=4, seed=0)
-  assert size == 10 and tok.vocab_size <= 40
-  batches = [next(it) for _ in range(8)]  # 32 good examples = 4 epochs.
-  assert sum(int(b["num_skipped"].sum()) for b in batches) in (7, 8)
-  assert all(b["image"].shape == (4, 16, 16, 3) for b in batches)
+def _batches(config, n=None, **kwargs):
+  kwargs.setdefault("split", "train")
+  kwargs.setdefault("batch_size_per_process", 8)
+  kwargs.setdefault("seed", 0)
+  kwargs.setdefault("tokenizer", None)
+  with pipeline.make_dataset(config, **kwargs) as iterator:
+    if n is None:
+      return list(iterator)
+    return [next(iterator) for _ in range(n)]
 
 
-def test_too_many_bad_images_stop_with_a_clear_error(tmp_path):
-  _write_images(tmp_path / "imgs", 10, bad={1, 2, 3, 4, 5})
-  _tokenizer(tmp_path)
-  config = _data_config(source="folder", path=str(tmp_path / "imgs"),
-                        tokenizer=str(tmp_path / "tok.model"),
-                        max_skip_fraction=0.2)
-  it, _ = pipeline.make_train_iterator(config, global_batch_size=2, seed=0)
-  with pytest.raises(RuntimeError, match=r"could not be read .*img\d.png"):
-    for _ in range(200):
-      next(it)
-
-
-# --- tokenizer ---------------------------------------------------------------
-
-def test_tokenizer_eos_and_padding_policies(tmp_path):
-  tok = _tokenizer(tmp_path)
-  ids = tok.processor.encode("caption number 5")
-  n = len(ids)
-  eos = tok.encode(["Caption Number 5"], n + 3, "eos")[0]  # Lower-cased.
-  np.testing.assert_array_equal(eos, ids + [1, 0, 0])
-  last = tok.encode(["caption number 5"], n + 3, "last")[0]
-  np.testing.assert_array_equal(last, ids + [1, 1, 1])
-  short = tok.encode(["caption number 5"], 3, "eos")[0]
-  np.testing.assert_array_equal(short, ids[:2] + [1])  # EOS survives.
-  with pytest.raises(ValueError, match="has 40 tokens but the text tower's "
-                     "embedding table has 30 rows"):
-    tokenizer_lib.check_vocab(tok, 30)
-
-
-def test_tokenizer_command_line(tmp_path):
-  corpus = tmp_path / "captions.txt"
-  corpus.write_text("\n".join(f"a red apple {i}" for i in range(100)))
-  tokenizer_lib.main(["train", "--input", str(corpus), "--vocab_size", "30",
-                      "--output", str(tmp_path / "cli.model")])
-  assert tokenizer_lib.load(str(tmp_path / "cli.model")).vocab_size <= 30
-
-
-# --- pipeline ----------------------------------------------------------------
-
-def _synthetic(**kw):
-  return _data_config(source="synthetic", synthetic_size=24, **kw)
-
-
-def _take(it, n):
-  return [next(it) for _ in range(n)]
+def _equal(a, b):
+  return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_order_is_a_function_of_the_seed():
-  a = _take(pipeline.make_train_iterator(_synthetic(), global_batch_size=4,
-                                         seed=1)[0], 3)
-  b = _take(pipeline.make_train_iterator(_synthetic(), global_batch_size=4,
-                                         seed=1)[0], 3)
-  c = _take(pipeline.make_train_iterator(_synthetic(), global_batch_size=4,
-                                         seed=2)[0], 3)
-  for x, y in zip(a, b):
-    np.testing.assert_array_equal(x["text"], y["text"])
-  assert any(not np.array_equal(x["text"], z["text"]) for x, z in zip(a, c))
+  config = _config()
+  first = _batches(config, 8)
+  assert all(_equal(a, b) for a, b in zip(first, _batches(config, 8)))
+  other = _batches(config, 8, seed=1)
+  assert not all(_equal(a, b) for a, b in zip(first, other))
+  batch = first[0]
+  assert batch["image"].shape == (8, 4, 4, 3)
+  assert batch["image"].dtype == np.float32
+  assert batch["text"].dtype == np.int32 and batch["text"].shape == (8, 6)
+  assert batch["num_skipped"].shape == (8,)
+  assert (batch["label"] == -1).all()
 
 
-def test_process_shards_are_disjoint_and_cover_an_epoch():
-  seen = []
-  for index in range(3):
-    it, _ = pipeline.make_train_iterator(
-        _synthetic(), global_batch_size=12, seed=0, process_index=index,
-        process_count=3)
-    for batch in _take(it, 2):  # 2 x 4 rows x 3 processes = one epoch.
-      seen.extend(tuple(t) for t in batch["text"])
-  source = sources.SyntheticSource(24, 16, 8, 40)
-  assert sorted(seen) == sorted(tuple(source[i]["tokens"]) for i in range(24))
+def test_epochs_cover_the_data_and_reshuffle():
+  config = _config()
+  index = _synthetic_id_to_index(config)
+  batches = _batches(config, num_epochs=2)
+  assert len(batches) == 12  # 2 x 48 / 8.
+  seen = [index[t] for b in batches for t in _ids(b)]
+  first, second = seen[:48], seen[48:]
+  assert sorted(first) == list(range(48)) == sorted(second)
+  assert first != second and first != list(range(48))
 
 
-def test_restoring_iterator_state_replays_the_same_batches():
-  it, _ = pipeline.make_train_iterator(_synthetic(), global_batch_size=4,
-                                       seed=0)
-  _take(it, 5)  # Mid-epoch (6 batches per epoch).
-  state = it.get_state()
-  expected = _take(it, 4)
-  fresh, _ = pipeline.make_train_iterator(_synthetic(), global_batch_size=4,
-                                          seed=0)
-  fresh.set_state(state)
-  for x, y in zip(expected, _take(fresh, 4)):
-    np.testing.assert_array_equal(x["text"], y["text"])
-    np.testing.assert_array_equal(x["image"], y["image"])
+def test_a_finite_stream_without_a_full_batch_is_an_error():
+  with pytest.raises(ValueError, match="48 examples.*no full global batch"):
+    _batches(_config(), batch_size_per_process=30, shard_count=2,
+             num_epochs=1)
 
 
-def test_eval_batches_pad_and_mask_the_last_batch():
-  batches = list(pipeline.eval_batches(_synthetic(), "train", 10))
-  assert [b["mask"].sum() for b in batches] == [10, 10, 4]
-  assert all(len(b["mask"]) == 10 for b in batches)
-  np.testing.assert_array_equal(batches[-1]["index"][:4], [20, 21, 22, 23])
+def test_process_shards_are_disjoint_cover_and_equal_one_process():
+  config = _config()
+  index = _synthetic_id_to_index(config)
+  single = _batches(config, batch_size_per_process=8, num_epochs=1)
+  shards = [_batches(config, batch_size_per_process=4, num_epochs=1,
+                     shard_index=p, shard_count=2) for p in range(2)]
+  ids = [[index[t] for b in shard for t in _ids(b)] for shard in shards]
+  assert not set(ids[0]) & set(ids[1])
+  assert sorted(ids[0] + ids[1]) == list(range(48))
+  # Process-ordered concatenation of the shards' batches is the
+  # single-process global batch, row for row.
+  for step, batch in enumerate(single):
+    joined = {k: np.concatenate([shards[0][step][k], shards[1][step][k]])
+              for k in batch}
+    assert _equal(joined, batch)
 
 
-def test_normalize_matches_formula():
-  pixels = np.random.default_rng(0).integers(0, 256, (4, 4, 3), np.uint8)
-  got = transforms.normalize(pixels)
-  want = (pixels / 255.0 - np.array(transforms.CLIP_MEAN)) / np.array(
-      transforms.CLIP_STD)
-  np.testing.assert_allclose(got, want, rtol=1e-5)
+def test_restored_state_gives_the_same_following_batches():
+  config = _config()
+  iterator = pipeline.make_dataset(config, split="train",
+                                   batch_size_per_process=5, seed=3,
+                                   tokenizer=None)
+  for _ in range(7):  # Mid-way through the second epoch (48 examples).
+    next(iterator)
+  state = iterator.get_state()
+  assert isinstance(state, bytes)
+  expected = [next(iterator) for _ in range(12)]  # Crosses an epoch end.
+  iterator.close()
+  restored = pipeline.make_dataset(config, split="train",
+                                   batch_size_per_process=5, seed=3,
+                                   tokenizer=None)
+  restored.set_state(state)
+  got = [next(restored) for _ in range(12)]
+  restored.close()
+  assert all(_equal(a, b) for a, b in zip(expected, got))
+  other = pipeline.make_dataset(config, split="train",
+                                batch_size_per_process=6, seed=3,
+                                tokenizer=None)
+  with pytest.raises(ValueError, match="batch_size"):
+    other.set_state(state)
+
+
+def test_worker_processes_give_the_same_batches_and_restore():
+  config = _config()
+  in_process = _batches(config, 7)
+  workers = pipeline.make_dataset(_config(worker_count=2), split="train",
+                                  batch_size_per_process=8, seed=0,
+                                  tokenizer=None)
+  with workers:
+    got = [next(workers) for _ in range(4)]
+    state = workers.get_state()
+  assert all(_equal(a, b) for a, b in zip(in_process, got))
+  # A state saved with workers restores in-process (and vice versa).
+  restored = pipeline.make_dataset(config, split="train",
+                                   batch_size_per_process=8, seed=0,
+                                   tokenizer=None)
+  restored.set_state(state)
+  with restored:
+    after = [next(restored) for _ in range(3)]
+  assert all(_equal(a, b) for a, b in zip(in_process[4:], after))
+
+
+class ListSource:
+  """Records given in a list; label = position."""
+
+  def __init__(self, records):
+    self.records = records
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, i):
+    return {**self.records[i], "label": i, "id": f"rec{i}"}
+
+
+def _png_bytes(value):
+  buf = io.BytesIO()
+  Image.new("RGB", (4, 4), (value, value, value)).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return tokenizer_lib.train(["a photo of a thing", "another caption"] * 5,
+                             40)
+
+
+def _list_config(monkeypatch, records, **overrides):
+  source = ListSource(records)
+  monkeypatch.setitem(sources.SOURCES, "list", lambda config, split: source)
+  return _config(source="list", **overrides)
+
+
+def _records(n, bad):
+  """n records; those in `bad` are broken in one of three ways."""
+  records = []
+  for i in range(n):
+    record = {"image": _png_bytes(i % 256), "captions": [f"caption {i}"]}
+    if i in bad:
+      kind = i % 3
+      if kind == 0:
+        record["image"] = b"\x89PNG broken"
+      elif kind == 1:
+        record["image"] = f"/nonexistent/{i}.png"
+      else:
+        record["captions"] = ["", "  "]
+    records.append(record)
+  return records
+
+
+def test_bad_examples_are_skipped_and_counted(monkeypatch, tok):
+  bad = {3, 7, 8, 20, 31}
+  config = _list_config(monkeypatch, _records(40, bad),
+                        max_skip_fraction=0.5)
+  iterator = pipeline.make_dataset(config, split="train",
+                                   batch_size_per_process=5, seed=0,
+                                   tokenizer=tok, num_epochs=1)
+  batches = list(iterator)
+  labels = [int(x) for b in batches for x in b["label"]]
+  assert len(batches) == 7  # 35 good examples.
+  assert not set(labels) & bad and len(set(labels)) == 35
+  assert sum(int(b["num_skipped"].sum()) for b in batches) == 5
+  assert iterator.num_skipped == 5
+  for b in batches:  # The kept images are the records' own.
+    gray = (b["image"][:, 0, 0, 0] * transforms.CLIP_STD[0] +
+            transforms.CLIP_MEAN[0]) * 255
+    np.testing.assert_allclose(gray, b["label"] % 256, atol=0.01)
+
+
+def test_too_many_bad_examples_stop_with_their_ids(monkeypatch, tok):
+  bad = set(range(0, 150, 4))  # 25%.
+  config = _list_config(monkeypatch, _records(150, bad),
+                        max_skip_fraction=0.1)
+  iterator = pipeline.make_dataset(config, split="train",
+                                   batch_size_per_process=5, seed=0,
+                                   tokenizer=tok)
+  with pytest.raises(RuntimeError, match=r"max_skip_fraction=0\.1.*rec\d+"):
+    for _ in range(100):
+      next(iterator)
+  iterator.close()
+  # A small stream with no usable example at all is an error too.
+  config = _list_config(monkeypatch, _records(3, {0, 1, 2}))
+  with pytest.raises(RuntimeError, match="3 of the 3 examples"):
+    _batches(config, tokenizer=tok, num_epochs=1, batch_size_per_process=1)
+
+
+def test_training_samples_among_captions(monkeypatch, tok):
+  records = [{"image": _png_bytes(0),
+              "captions": ["a photo of a thing", "another caption"]}] * 4
+  config = _list_config(monkeypatch, records, context_length=16)
+  texts = {tok.decode(row) for b in _batches(config, 10, tokenizer=tok,
+                                             batch_size_per_process=4)
+           for row in b["text"]}
+  assert texts == {"a photo of a thing", "another caption"}
+
+
+def test_evaluation_pads_masks_and_shards(monkeypatch, tok):
+  config = _list_config(monkeypatch, _records(11, {4}))
+  shards = [_batches(config, tokenizer=tok, batch_size_per_process=4,
+                     train=False, shard_index=p, shard_count=2)
+            for p in range(2)]
+  assert [len(s) for s in shards] == [2, 2]  # 6 and 5 rows, padded to 8.
+  real = []
+  for shard in shards:
+    for b in shard:
+      assert b["mask"].dtype == np.float32 and b["image"].shape[0] == 4
+      keep = b["mask"] > 0
+      real += list(b["index"][keep])
+      assert (b["label"][keep] == b["index"][keep]).all()
+      assert (b["index"][b["index"] >= 0] < 11).all()
+  assert sorted(real) == [i for i in range(11) if i != 4]
+  assert sum(int(b["num_skipped"].sum()) for s in shards for b in s) == 1
+  # Unshuffled: process 0 has source rows 0..5 in order.
+  assert list(shards[0][0]["index"]) == [0, 1, 2, 3]
+
+
+def test_eval_batches_cover_a_split_once(monkeypatch, tmp_path):
+  config = _list_config(monkeypatch, _records(10, set()),
+                        cache_dir=str(tmp_path), vocab_size=100)
+  batches = list(pipeline.eval_batches(config, "test", 4))
+  assert len(batches) == 3
+  index = np.concatenate([b["index"] for b in batches])
+  mask = np.concatenate([b["mask"] for b in batches])
+  assert list(index[mask > 0]) == list(range(10))
+  assert {"image", "text", "label", "mask", "index"} <= set(batches[0])
+
+
+@pytest.mark.skipif(not os.path.exists(sources.NOTO_FONT),
+                    reason="needs fonts-noto-color-emoji (make install)")
+def test_emoji_training_batches(tmp_path):
+  config = _config(source="emoji", cache_dir=str(tmp_path), emoji_limit=40,
+                   image_size=16, context_length=8, vocab_size=512,
+                   tokenizer="emoji", random_resized_crop=(0.6, 1.0))
+  iterator, size = pipeline.make_train_iterator(config, global_batch_size=16,
+                                                seed=0)
+  assert 30 < size <= 40
+  tok = pipeline.get_tokenizer(config)
+  names = set(sources.emoji_class_names("train"))
+  with iterator:
+    batch = next(iterator)
+  assert batch["image"].shape == (16, 16, 16, 3)
+  assert ((batch["text"] == 1).sum(axis=1) == 1).all()  # One EOS each.
+  for row, label in zip(batch["text"], batch["label"]):
+    assert 0 <= label < len(names)
+  root = sources.prepare_emoji(str(tmp_path), limit=40)
+  with open(os.path.join(root, "train.json")) as f:
+    captions = [c for r in json.load(f)["records"] for c in r["captions"]]
+  decoded = {tok.decode(row) for row in batch["text"]}
+  assert decoded <= {c.lower() for c in captions} | {
+      tok.decode(tok.encode([c.lower()], 8)[0]) for c in captions}

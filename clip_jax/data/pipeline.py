@@ -1,238 +1,588 @@
-"""grain input pipeline: source -> shuffle -> per-process shard -> preprocess
--> drop and count bad examples -> batch -> worker processes.
+"""grain input pipeline: per-process numpy batches, checkpointable.
 
-Each process reads every `process_count`-th example of one globally shuffled
-stream (reshuffled every epoch), so the processes' batches are disjoint and
-together cover the data. The order is a function of the seed alone, and the
-iterator's position is checkpointed with the model.
+  source -> shuffle (reshuffled every epoch) -> repeat -> preprocess
+  (decode, augment, tokenize; a grain RandomMap) -> this process's share
+  -> [worker processes] -> drop and count bad examples -> batch -> normalise
 
-Data config keys (`config.data`):
-  source            sources.SOURCES name: 'emoji', 'folder', 'synthetic'.
-  split             split to train on (emoji: 'train').
+Order. Everything up to "this process's share" is a grain MapDataset, a
+pure function of (seed, position in the global stream): the shuffle and
+each example's random crop / caption choice depend on nothing else.
+Process p of k reads rows [p*b, (p+1)*b) of every global batch of k*b
+(b = batch_size_per_process), so concatenating the processes' batches in
+process order (what jax.make_array_from_process_local_data does) gives
+exactly the single-process global batch. Worker processes each prepare
+every worker_count-th chunk of CHUNK examples and grain interleaves them
+back in order, so the batches do not depend on worker_count either. Bad
+examples (an image that cannot be decoded, a missing file, no non-empty
+caption) are dropped in the main process, which shifts that process's later
+batches by as many examples; `num_skipped` counts them.
+
+State. `get_state()` -> bytes (JSON: how many examples this process has
+consumed, and the skip counters); `set_state()` rebuilds the stream from
+that position, so a restored iterator yields exactly the batches the
+original would have (with any worker_count).
+
+Batches (dicts of numpy arrays, leading dim b):
+  image        float32 [b, S, S, 3], normalised with mean/std;
+  text         int32 [b, L], tokenised with the EOS policy;
+  label        int32 [b], the source's class index, -1 if it has none;
+  num_skipped  int32 [b]; its sum is the number of bad examples dropped
+               (training) or masked (evaluation) while making this batch;
+  mask, index  evaluation only: float32 1 for real rows (0 for padding and
+               bad examples), int32 position in the source (-1 padding).
+Training batches are full (the remainder of a finite stream is dropped);
+evaluation reads each example once, unshuffled, process p a contiguous
+share, every process the same number of batches, the last one padded.
+
+Data config keys (`config.data`, defaults in `default_data_config()`):
+  source            sources.SOURCES name: 'emoji', 'tfds', 'folder',
+                    'synthetic'.
+  split             split to train on (emoji: 'train'; tfds: e.g. 'train').
   path              folder / .csv / .jsonl for source 'folder'.
-  cache_dir         where prepared data and tokenizers live
-                    (default $CLIP_JAX_CACHE or ~/.cache/clip_jax).
-  emoji_limit       render only this many emoji per split (tests).
+  tfds_name         TFDS dataset name for source 'tfds' (e.g.
+                    'coco_captions'), prepared as array_record in data_dir.
+  data_dir          TFDS data_dir (local or a bucket); None = TFDS default.
+  image_key         feature holding the image (tfds), default 'image'.
+  text_key          feature holding the caption(s), '/' for nesting (tfds),
+                    e.g. 'captions/text' for coco_captions.
+  label_key         optional class-label feature (tfds), for zero-shot.
+  cache_dir         where the emoji data and tokenizers are cached
+                    (None = $CLIP_JAX_CACHE or ~/.cache/clip_jax).
+  emoji_limit       only the first N emoji of each split (tests).
+  emoji_render_size side of the cached emoji renderings, px.
   synthetic_size    number of examples of source 'synthetic'.
-  image_size        side of the square model input.
-  random_resized_crop  (min, max) area fraction of the random crop; None =
-                    no crop (just resize).
-  flip              random horizontal flips (off: left/right words exist).
-  mean, std         per-channel normalisation (CLIP's by default).
-  tokenizer         path to a sentencepiece .model, or 'emoji' = train one on
-                    the emoji training captions (cached).
-  vocab_size        size of a tokenizer trained here; checked against the
-                    model's embedding table.
-  context_length    tokens per caption (truncated, EOS kept).
-  eos_policy        'eos' (EOS then pad) | 'last' (sticky EOS to the end).
+  synthetic_seed    seed of the synthetic examples.
+  image_size        side S of the square model input, px.
+  random_resized_crop  (min, max) area fraction of the training crop;
+                    None = no crop (centre square, resized).
+  flip              random horizontal flips in training (off: captions
+                    say left/right, text in images would read backwards).
+  mean, std         per-channel normalisation of [0, 1] pixels (CLIP's).
+  tokenizer         a sentencepiece .model path, or 'emoji' = train one on
+                    the emoji train captions (cached in cache_dir).
+  vocab_size        vocabulary of a tokenizer trained here (the model's
+                    embedding table is checked against the tokenizer).
+  context_length    tokens per caption L (truncated, EOS kept).
+  eos_policy        'eos' (one EOS then padding) | 'last' (sticky EOS).
   lowercase         lower-case captions before tokenizing.
-  worker_count      worker processes for decode/augment/tokenize (0 = none).
-  prefetch_buffer   batches each worker prepares ahead.
-  max_skip_fraction stop with an error when more than this fraction of the
-                    examples seen so far was bad (after 100 examples).
+  worker_count      worker processes for decode/augment/tokenize (0 = in
+                    this process, in the prefetch thread). Does not change
+                    the batches; a saved state restores with any value.
+  read_threads      with worker_count=0, grain threads reading examples
+                    (0 = none; more only helps slow reads, e.g. a bucket).
+  prefetch          batches a background thread assembles ahead (0 = none:
+                    each batch is made when asked for).
+  max_skip_fraction stop with an error naming examples once more than this
+                    fraction of the examples read was bad (checked from
+                    100 examples read on; a stream with no usable example
+                    at all is always an error).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
-import os
+import math
+import queue
+import sys
+import threading
 
 import grain
 import ml_collections
 import numpy as np
 
-from clip_jax.data import sources, tokenizer as tokenizer_lib, transforms
+from clip_jax.data import sources, transforms
+from clip_jax.data import tokenizer as tokenizer_lib
 
 MIN_EXAMPLES_FOR_SKIP_CHECK = 100
+CHUNK = 32  # Examples a worker prepares per message to the main process.
+_STATE_VERSION = 1
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-  from ml_collections import config_dict
-  return ml_collections.ConfigDict(dict(
-      source="synthetic", split="train",
-      path=config_dict.placeholder(str),
-      cache_dir=config_dict.placeholder(str),
-      emoji_limit=config_dict.placeholder(int),
-      synthetic_size=4096,
-      image_size=224,
-      random_resized_crop=config_dict.placeholder(tuple),
-      flip=False,
-      mean=transforms.CLIP_MEAN, std=transforms.CLIP_STD,
-      tokenizer="emoji", vocab_size=49408, context_length=77,
-      eos_policy="eos", lowercase=True,
-      worker_count=0, prefetch_buffer=2,
-      max_skip_fraction=0.01,
-  ))
+  """config.data with every key (see the module docstring)."""
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict({
+      "source": "synthetic", "split": "train",
+      "path": config_dict.placeholder(str),
+      "tfds_name": config_dict.placeholder(str),
+      "data_dir": config_dict.placeholder(str),
+      "image_key": "image", "text_key": "caption",
+      "label_key": config_dict.placeholder(str),
+      "cache_dir": config_dict.placeholder(str),
+      "emoji_limit": config_dict.placeholder(int),
+      "emoji_render_size": sources.DEFAULT_RENDER_SIZE,
+      "synthetic_size": 4096, "synthetic_seed": 0,
+      "image_size": 224,
+      "random_resized_crop": config_dict.placeholder(tuple),
+      "flip": False,
+      "mean": transforms.CLIP_MEAN, "std": transforms.CLIP_STD,
+      "tokenizer": "emoji", "vocab_size": 49408, "context_length": 77,
+      "eos_policy": "eos", "lowercase": True,
+      "worker_count": 0, "read_threads": 0, "prefetch": 2,
+      "max_skip_fraction": 0.01,
+  })
 
 
 def get_tokenizer(data_config):
   """The config's tokenizer, or None for pre-tokenised (synthetic) data."""
   if data_config.source == "synthetic":
     return None
-  if data_config.tokenizer != "emoji":
-    return tokenizer_lib.load(data_config.tokenizer,
-                              lowercase=data_config.lowercase)
-  path = os.path.join(sources.cache_root(data_config.get("cache_dir")),
-                      f"emoji-tokenizer-{data_config.vocab_size}.model")
-  if os.path.exists(path):
-    return tokenizer_lib.load(path, lowercase=data_config.lowercase)
-  train = sources.emoji_source(data_config, "train")
-  captions = [c for r in train.records for c in r["captions"]]
-  return tokenizer_lib.train(captions, data_config.vocab_size, path,
-                             lowercase=data_config.lowercase)
+  name = data_config.get("tokenizer")
+  if not name:
+    raise ValueError("config.data.tokenizer is empty: give a sentencepiece "
+                     ".model path, or 'emoji'.")
+  if name == "emoji":
+    return tokenizer_lib.emoji_tokenizer(
+        data_config.vocab_size, cache_dir=data_config.get("cache_dir"),
+        lowercase=data_config.lowercase)
+  return tokenizer_lib.load(name, lowercase=data_config.lowercase)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessOptions:
+  image_size: int
+  context_length: int
+  eos_policy: str = "eos"
+  crop_scale: tuple | None = None
+  flip: bool = False
+  train: bool = True
 
 
 class Preprocess(grain.transforms.RandomMap):
-  """Raw record -> {'image', 'text', 'label', 'valid'}; never raises on data.
+  """Raw record -> fixed-shape example; never raises on bad data.
 
-  A bad record (undecodable or missing image, no caption) comes out with
-  valid=False and zero arrays, to be dropped and counted downstream.
+  Output: image uint8 [S, S, 3], text int32 [L], label, index (int32),
+  valid (False for a bad record: zero arrays, `error` says why), pad
+  (True for evaluation padding), id (str). Training samples one caption at
+  random; evaluation takes the first and does no random crop or flip.
   """
 
-  def __init__(self, data_config, tokenizer, *, train: bool):
-    self.config, self.tokenizer, self.train = data_config, tokenizer, train
+  def __init__(self, options: PreprocessOptions, tokenizer):
+    self.options, self.tokenizer = options, tokenizer
 
   def random_map(self, record, rng):
-    c = self.config
-    size, length = c.image_size, c.context_length
-    out = {"image": np.zeros((size, size, 3), np.float32),
-           "text": np.zeros((length,), np.int32),
+    o = self.options
+    out = {"image": np.zeros((o.image_size, o.image_size, 3), np.uint8),
+           "text": np.zeros((o.context_length,), np.int32),
            "label": np.int32(record.get("label", -1)),
-           "valid": np.bool_(False), "id": str(record.get("id", ""))}
-    try:
-      if "tokens" in record:
-        out["text"] = np.asarray(record["tokens"], np.int32)[:length]
-      else:
-        captions = [t for t in record.get("captions", []) if t.strip()]
-        if not captions:
-          return out
-        caption = captions[rng.integers(len(captions))] if self.train else (
-            captions[0])
-        out["text"] = self.tokenizer.encode([caption], length,
-                                            c.eos_policy)[0]
-      out["image"] = transforms.preprocess_image(
-          record["image"], size, rng if self.train else None,
-          crop_scale=c.random_resized_crop, flip=c.flip, mean=c.mean,
-          std=c.std)
-    except (OSError, ValueError, SyntaxError):  # PIL's errors for bad files.
+           "index": np.int32(record.get("_index", -1)),
+           "valid": False, "pad": bool(record.get("_pad", False)),
+           "id": str(record.get("id", "")), "error": ""}
+    if out["pad"]:
       return out
-    out["valid"] = np.bool_(True)
+    try:
+      if record.get("error"):
+        raise ValueError(record["error"])
+      if "tokens" in record:
+        tokens = np.asarray(record["tokens"], np.int32)[:o.context_length]
+        out["text"][:len(tokens)] = tokens
+      else:
+        captions = [c for c in record.get("captions") or [] if c.strip()]
+        if not captions:
+          raise ValueError("no caption")
+        caption = (captions[int(rng.integers(len(captions)))]
+                   if o.train and len(captions) > 1 else captions[0])
+        out["text"] = self.tokenizer.encode([caption], o.context_length,
+                                            o.eos_policy)[0]
+      out["image"] = transforms.preprocess_image(
+          record.get("image"), o.image_size, rng if o.train else None,
+          crop_scale=o.crop_scale, flip=o.flip)
+    except Exception as e:  # noqa: BLE001  pylint: disable=broad-except
+      # Bad data (PIL raises OSError, ValueError, SyntaxError, ...) must not
+      # crash a run; the error text goes into the skip report.
+      out["error"] = f"{type(e).__name__}: {e}"
+      return out
+    out["valid"] = True
     return out
 
 
-class _DropInvalid(grain.IterDataset):
-  """Drops records with valid=False; each kept record carries `num_skipped`,
-  the number dropped just before it, so batches report what was skipped."""
+class _TrainShard(grain.MapDataset):
+  """Process `index` of `count`: rows [index*b, (index+1)*b) of every
+  global batch of count*b examples (b = `block`)."""
 
-  def __init__(self, parent, max_skip_fraction: float):
+  def __init__(self, parent, *, block: int, index: int, count: int):
     super().__init__(parent)
-    self.max_skip_fraction = max_skip_fraction
+    self._block, self._index, self._count = block, index, count
+    n = len(parent)
+    self._length = n if n >= sys.maxsize else (
+        n // (block * count) * block)
 
-  def __iter__(self):
-    return _DropInvalidIterator(self._parent.__iter__(),
-                                self.max_skip_fraction)
+  def __len__(self):
+    return self._length
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return self.slice(i)
+    b = self._block
+    return self._parent[(i // b) * b * self._count + self._index * b + i % b]
+
+  def __str__(self):
+    return f"_TrainShard({self._index}/{self._count}, block={self._block})"
 
 
-class _DropInvalidIterator(grain.DatasetIterator):
+class _EvalShard(grain.MapDataset):
+  """Process `index` of `count`: a contiguous ceil(n / count) share of the
+  source, padded with {'_pad': True} to a multiple of `block`, so every
+  process has the same number of batches. Records gain '_index'."""
 
-  def __init__(self, parent, max_skip_fraction):
+  def __init__(self, parent, *, block: int, index: int, count: int):
     super().__init__(parent)
-    self.max_skip_fraction = max_skip_fraction
-    self.seen = self.skipped = self.pending = 0
-    self.recent_bad = []
+    per = math.ceil(len(parent) / count)
+    self._start = min(index * per, len(parent))
+    self._stop = min(self._start + per, len(parent))
+    self._length = math.ceil(per / block) * block
 
-  def __next__(self):
-    while True:
-      record = next(self._parent)
-      self.seen += 1
-      if record.pop("valid"):
-        record.pop("id")
-        record["num_skipped"] = np.int32(self.pending)
-        self.pending = 0
-        return record
-      self.skipped += 1
-      self.pending += 1
-      self.recent_bad = (self.recent_bad + [record["id"]])[-5:]
-      if (self.seen >= MIN_EXAMPLES_FOR_SKIP_CHECK and
-          self.skipped > self.max_skip_fraction * self.seen):
-        raise RuntimeError(
-            f"{self.skipped} of the first {self.seen} examples could not be "
-            f"read (> config.data.max_skip_fraction="
-            f"{self.max_skip_fraction}); recent bad examples: "
-            f"{self.recent_bad}. Fix the data or raise the limit.")
+  def __len__(self):
+    return self._length
 
-  def get_state(self):
-    return {"parent": self._parent.get_state(), "seen": self.seen,
-            "skipped": self.skipped, "pending": self.pending}
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return self.slice(i)
+    g = self._start + i
+    if g >= self._stop:
+      return {"_pad": True}
+    return {**self._parent[g], "_index": g}
 
-  def set_state(self, state):
-    self._parent.set_state(state["parent"])
-    self.seen, self.skipped = state["seen"], state["skipped"]
-    self.pending = state["pending"]
+  def __str__(self):
+    return f"_EvalShard([{self._start}, {self._stop}))"
 
 
-class CheckpointableIterator:
-  """A grain iterator whose state is bytes (what checkpoint.py stores)."""
+class _Chunks(grain.MapDataset):
+  """Chunk j = examples [j*size, (j+1)*size) of the parent, stacked."""
 
-  def __init__(self, dataset: grain.IterDataset):
-    self.iterator = iter(dataset)
+  def __init__(self, parent, size: int):
+    super().__init__(parent)
+    self._size, self._n = size, len(parent)
+    self._length = (self._n // size if self._n >= sys.maxsize else
+                    math.ceil(self._n / size))
+
+  def __len__(self):
+    return self._length
+
+  def __getitem__(self, j):
+    if isinstance(j, slice):
+      return self.slice(j)
+    rows = [self._parent[i] for i in range(
+        j * self._size, min((j + 1) * self._size, self._n))]
+    chunk = {k: np.stack([r[k] for r in rows])
+             for k in ("image", "text", "label", "index")}
+    for k in ("valid", "pad", "id", "error"):
+      chunk[k] = [r[k] for r in rows]
+    return chunk
+
+  def __str__(self):
+    return f"_Chunks({self._size})"
+
+
+def _unchunk(chunks, skip: int):
+  """Examples (dicts) of an iterator of chunks, after the first `skip`."""
+  keys = ("image", "text", "label", "index", "valid", "pad", "id", "error")
+  for chunk in chunks:
+    for r in range(skip, len(chunk["valid"])):
+      yield {k: chunk[k][r] for k in keys}
+    skip = 0
+
+
+def _ensure_flags_parsed() -> None:
+  """grain's worker processes read absl flags; outside an absl app (tests,
+  notebooks) mark them parsed so their defaults are used."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+class DataIterator:
+  """Batches from a process-local MapDataset of preprocessed examples.
+
+  Iterate it; `get_state()` / `set_state()` checkpoint its position (bytes);
+  `close()` stops its thread and worker processes. With prefetch > 0 a
+  background thread assembles up to `prefetch` batches ahead (the state is
+  that of the last batch handed out). `num_skipped` is this process's total
+  of bad examples so far; `num_batches` the number of batches of a finite
+  stream (None if endless).
+  """
+
+  def __init__(self, examples: grain.MapDataset, *, batch_size: int,
+               train: bool, worker_count: int, read_threads: int,
+               prefetch: int, max_skip_fraction: float, mean, std,
+               fingerprint: dict):
+    self._examples, self.batch_size, self.train = examples, batch_size, train
+    self._worker_count, self._read_threads = worker_count, read_threads
+    self._prefetch = max(0, prefetch)
+    self._max_skip_fraction = max_skip_fraction
+    self._mean, self._std = mean, std
+    self._fingerprint = fingerprint
+    n = len(examples)
+    self.num_batches = None if n >= sys.maxsize else n // batch_size
+    self.num_examples, self.class_names = None, None
+    # The grain iterator of chunks and the examples unpacked from it (used
+    # by one thread at a time).
+    self._stream = self._rows = None
+    # Producer-side counters, and their value after the last batch handed
+    # out (what get_state saves). 'bad': the first few [id, error].
+    self._counters = {"consumed": 0, "seen": 0, "skipped": 0, "bad": []}
+    self._delivered = copy.deepcopy(self._counters)
+    self._thread = self._queue = self._stop = self._final = None
+
+  @property
+  def num_skipped(self) -> int:
+    return self._delivered["skipped"]
 
   def __iter__(self):
     return self
 
+  def _open_stream(self):
+    """A generator of preprocessed examples from the current position.
+
+    Examples travel in chunks of CHUNK (one worker prepares a whole chunk:
+    one message between processes instead of CHUNK), in stream order.
+    """
+    if self._rows is None:
+      consumed = self._counters["consumed"]
+      ds = _Chunks(self._examples, CHUNK)
+      if consumed // CHUNK:
+        ds = ds[consumed // CHUNK:]
+      chunks_ahead = math.ceil(max(1, self._prefetch) * self.batch_size /
+                               CHUNK)
+      if self._worker_count > 0:
+        _ensure_flags_parsed()
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0))
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=self._worker_count,
+            per_worker_buffer_size=math.ceil(chunks_ahead /
+                                             self._worker_count)))
+      else:
+        ds = ds.to_iter_dataset(grain.ReadOptions(
+            num_threads=self._read_threads,
+            prefetch_buffer_size=chunks_ahead))
+      self._stream = iter(ds)
+      self._rows = _unchunk(self._stream, skip=consumed % CHUNK)
+    return self._rows
+
+  def _too_many_bad(self) -> bool:
+    c = self._counters
+    return c["skipped"] > self._max_skip_fraction * c["seen"]
+
+  def _skip_error(self) -> RuntimeError:
+    c = self._counters
+    examples = "; ".join(f"{i} ({e})" for i, e in c["bad"])
+    return RuntimeError(
+        f"{c['skipped']} of the {c['seen']} examples read so far could "
+        f"not be used, more than config.data.max_skip_fraction="
+        f"{self._max_skip_fraction}. First bad examples: {examples}. Fix or "
+        "remove them, or raise config.data.max_skip_fraction.")
+
+  def _next_batch(self):
+    """Reads examples until a batch is full; raises StopIteration at the
+    end of a finite stream and RuntimeError past max_skip_fraction."""
+    stream, c = self._open_stream(), self._counters
+    rows, skipped, pending = [], [], 0
+    while len(rows) < self.batch_size:
+      try:
+        row = next(stream)
+      except StopIteration:
+        break
+      c["consumed"] += 1
+      if row["pad"]:
+        rows.append(row)
+        skipped.append(0)
+        continue
+      c["seen"] += 1
+      if not row["valid"]:
+        c["skipped"] += 1
+        if len(c["bad"]) < 5:
+          c["bad"].append([row["id"], row["error"]])
+        if c["seen"] >= MIN_EXAMPLES_FOR_SKIP_CHECK and self._too_many_bad():
+          raise self._skip_error()
+        if self.train:
+          pending += 1
+        else:
+          rows.append(row)
+          skipped.append(1)
+        continue
+      rows.append(row)
+      skipped.append(pending)
+      pending = 0
+    if len(rows) < self.batch_size and (self.train or not rows):
+      if c["skipped"] and c["skipped"] == c["seen"]:
+        raise self._skip_error()  # Not a single usable example.
+      raise StopIteration
+    images = np.stack([r["image"] for r in rows])
+    batch = {"image": transforms.normalize(images, self._mean, self._std),
+             "text": np.stack([r["text"] for r in rows]).astype(np.int32),
+             "label": np.array([r["label"] for r in rows], np.int32),
+             "num_skipped": np.array(skipped, np.int32)}
+    if not self.train:
+      batch["mask"] = np.array([r["valid"] for r in rows], np.float32)
+      batch["index"] = np.array([r["index"] for r in rows], np.int32)
+    return batch
+
+  def _produce(self, output: queue.Queue, stop: threading.Event):
+    """The prefetch thread: batches (with the state after each) -> output."""
+    while not stop.is_set():
+      try:
+        item = ("batch", self._next_batch(), copy.deepcopy(self._counters))
+      except StopIteration:
+        item = ("end", None, None)
+      except BaseException as e:  # noqa: BLE001  Re-raised by __next__.
+        item = ("error", e, None)
+      while not stop.is_set():
+        try:
+          output.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          pass
+      if item[0] != "batch":
+        return
+
   def __next__(self):
-    return next(self.iterator)
+    if self._final is not None:  # The stream ended or failed: say it again.
+      if self._final[0] == "error":
+        raise self._final[1]
+      raise StopIteration
+    if self._prefetch == 0:
+      try:
+        batch = self._next_batch()
+      except StopIteration:
+        self._final = ("end", None)
+        raise
+      self._delivered = copy.deepcopy(self._counters)
+      return batch
+    if self._thread is None:
+      self._queue, self._stop = queue.Queue(self._prefetch), threading.Event()
+      self._thread = threading.Thread(
+          target=self._produce, args=(self._queue, self._stop), daemon=True,
+          name="clip_jax-data-prefetch")
+      self._thread.start()
+    kind, payload, state = self._queue.get()
+    if kind == "batch":
+      self._delivered = state
+      return payload
+    self._final = (kind, payload)
+    return next(self)
 
   def get_state(self) -> bytes:
-    return json.dumps(self.iterator.get_state()).encode()
+    return json.dumps({"version": _STATE_VERSION, **self._delivered,
+                       "fingerprint": self._fingerprint}).encode()
 
   def set_state(self, state: bytes) -> None:
-    self.iterator.set_state(json.loads(state.decode()))
+    state = json.loads(state.decode() if isinstance(state, bytes) else state)
+    if state.get("fingerprint") != self._fingerprint:
+      raise ValueError(
+          f"The data iterator state was saved by a pipeline with "
+          f"{state.get('fingerprint')}; this one has {self._fingerprint}. "
+          "Resume with the same data, seed, batch size and process count.")
+    self.close()
+    self._counters = {k: state[k] for k in ("consumed", "seen", "skipped",
+                                            "bad")}
+    self._delivered = copy.deepcopy(self._counters)
+    self._final = None
+
+  def close(self) -> None:
+    """Stops the prefetch thread and worker processes; a later `next`
+    restarts them from the last batch handed out."""
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join()
+      self._thread = self._queue = self._stop = None
+    if self._stream is not None and hasattr(self._stream, "close"):
+      self._stream.close()
+    self._stream = self._rows = None
+    self._counters = copy.deepcopy(self._delivered)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def make_dataset(data_config, *, split: str, batch_size_per_process: int,
+                 seed: int, tokenizer, shard_index: int = 0,
+                 shard_count: int = 1, train: bool = True,
+                 num_epochs: int | None = None) -> DataIterator:
+  """This process's batches of `split` (see the module docstring).
+
+  `tokenizer`: a tokenizer.Tokenizer (None for pre-tokenised sources);
+  shard_index / shard_count: jax.process_index() / jax.process_count().
+  Training: shuffled with `seed`, `num_epochs` passes (None = forever),
+  full batches. Evaluation (train=False): one unshuffled pass, padded.
+  """
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index={shard_index} is not in [0, "
+                     f"shard_count={shard_count}).")
+  if batch_size_per_process < 1:
+    raise ValueError(f"batch_size_per_process={batch_size_per_process} must "
+                     "be >= 1.")
+  c = data_config
+  source = sources.get_source(c, split)
+  if len(source) == 0:  # pylint: disable=g-explicit-length-test
+    raise ValueError(f"config.data.source={c.source!r} split {split!r} has "
+                     "no examples.")
+  crop = c.get("random_resized_crop")
+  options = PreprocessOptions(
+      image_size=c.image_size, context_length=c.context_length,
+      eos_policy=c.eos_policy, crop_scale=tuple(crop) if crop else None,
+      flip=bool(c.get("flip")), train=train)
+  preprocess = Preprocess(options, tokenizer)
+  seed = int(seed) % 2**32
+  ds = grain.MapDataset.source(source).seed(seed)
+  if train:
+    ds = ds.shuffle().repeat(num_epochs).random_map(preprocess)
+    ds = _TrainShard(ds, block=batch_size_per_process, index=shard_index,
+                     count=shard_count)
+  else:
+    ds = _EvalShard(ds, block=batch_size_per_process, index=shard_index,
+                    count=shard_count).random_map(preprocess, seed=seed)
+  if len(ds) == 0:  # pylint: disable=g-explicit-length-test
+    raise ValueError(
+        f"{num_epochs} epoch(s) of the {len(source)} examples of split "
+        f"{split!r} make no full global batch of {shard_count} x "
+        f"{batch_size_per_process}; use a smaller batch or more epochs.")
+  fingerprint = {"split": split, "seed": seed, "train": train,
+                 "batch_size": batch_size_per_process,
+                 "shard": [shard_index, shard_count],
+                 "num_examples": len(source)}
+  iterator = DataIterator(
+      ds, batch_size=batch_size_per_process, train=train,
+      worker_count=c.get("worker_count") or 0,
+      read_threads=c.get("read_threads") or 0,
+      prefetch=c.get("prefetch") or 1,
+      max_skip_fraction=c.get("max_skip_fraction") or 0.0,
+      mean=tuple(c.mean), std=tuple(c.std), fingerprint=fingerprint)
+  iterator.num_examples = len(source)
+  iterator.class_names = getattr(source, "class_names", None)
+  return iterator
 
 
 def make_train_iterator(data_config, *, global_batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1):
-  """(iterator of per-process batches, examples per epoch).
-
-  Batches are {'image' float32 [b, S, S, 3], 'text' int32 [b, L],
-  'label' int32 [b], 'num_skipped' int32 [b]}, b = global / processes.
-  """
+  """(this process's endless training iterator, examples per epoch)."""
   if global_batch_size % process_count:
     raise ValueError(
-        f"Global batch {global_batch_size} is not divisible by the "
+        f"The global batch {global_batch_size} is not divisible by the "
         f"{process_count} processes.")
-  tokenizer = get_tokenizer(data_config)
-  source = sources.get_source(data_config, data_config.split)
-  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
-  ds = ds[process_index::process_count]
-  ds = ds.random_map(Preprocess(data_config, tokenizer, train=True))
-  ids = _DropInvalid(ds.to_iter_dataset(), data_config.max_skip_fraction)
-  ids = ids.batch(global_batch_size // process_count, drop_remainder=True)
-  if data_config.worker_count > 0:
-    ids = ids.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=data_config.worker_count,
-        per_worker_buffer_size=data_config.prefetch_buffer))
-  return CheckpointableIterator(ids), len(source)
+  iterator = make_dataset(
+      data_config, split=data_config.split,
+      batch_size_per_process=global_batch_size // process_count, seed=seed,
+      tokenizer=get_tokenizer(data_config), shard_index=process_index,
+      shard_count=process_count, train=True)
+  return iterator, iterator.num_examples
 
 
 def eval_batches(data_config, split: str, batch_size: int):
-  """Every example of a split once, in order, in batches of `batch_size`.
+  """Every example of a split once, in order, in global batches.
 
-  The last batch is padded to full size; 'mask' (float32 [b]) is 1 for real
-  rows, 'index' the row's position in the source. Bad examples are kept with
-  mask 0 (and counted by the caller).
+  Every process gets the same batches (in this process, no worker
+  processes). The last batch is padded to `batch_size`; 'mask' is 1 for
+  real rows (0 for padding and bad examples), 'index' the row's position in
+  the source (-1 for padding), 'label' -1 when the source has none.
   """
-  tokenizer = get_tokenizer(data_config)
-  source = sources.get_source(data_config, split)
-  prep = Preprocess(data_config, tokenizer, train=False)
-  for start in range(0, len(source), batch_size):
-    rows = [prep.random_map(source[i], None)
-            for i in range(start, min(start + batch_size, len(source)))]
-    mask = np.array([float(r["valid"]) for r in rows], np.float32)
-    pad = batch_size - len(rows)
-    rows += [rows[-1]] * pad
-    batch = {k: np.stack([r[k] for r in rows])
-             for k in ("image", "text", "label")}
-    batch["index"] = np.arange(start, start + batch_size, dtype=np.int32)
-    batch["mask"] = np.concatenate([mask, np.zeros(pad, np.float32)])
-    yield batch
+  config = ml_collections.ConfigDict(data_config.to_dict())
+  config.worker_count = 0
+  with make_dataset(config, split=split, batch_size_per_process=batch_size,
+                    seed=0, tokenizer=get_tokenizer(data_config),
+                    train=False) as iterator:
+    yield from iterator

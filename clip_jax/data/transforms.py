@@ -1,8 +1,17 @@
 """Image transforms: decode, resize, random resized crop, flip, normalise.
 
-Pure functions of (image, numpy Generator): the pipeline gives each record
-its own Generator derived from the seed and the record's position, so a run
-is reproducible and a resumed run sees the same augmentations.
+Pure functions of (image, numpy Generator). The pipeline gives every record
+its own Generator, derived by grain from the seed and the record's position
+in the stream, so a run is reproducible and a resumed run sees the same
+augmentations. `preprocess_image` returns uint8; `normalize` (applied to
+whole batches, in the main process) turns it into float32.
+
+Geometry: without a crop (and always at evaluation) the shorter side is
+resized to `size` and the centre `size` x `size` square kept (square images
+are just resized). With `crop_scale=(lo, hi)` a random crop of lo..hi of the
+area, aspect 3/4..4/3 (Inception-style), is resized to `size` x `size`.
+Horizontal flips are off by default: captions may say 'left' or 'right', and
+text in images reads backwards.
 """
 
 from __future__ import annotations
@@ -17,49 +26,87 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def decode(image) -> Image.Image:
-  """uint8 array, encoded bytes or a path -> RGB PIL image (raises on bad)."""
+  """uint8 array, encoded bytes or a path -> RGB PIL image (raises on bad).
+
+  Transparent pixels (RGBA, LA, palette transparency) become white.
+  """
   if isinstance(image, np.ndarray):
-    return Image.fromarray(image).convert("RGB")
-  if isinstance(image, (bytes, bytearray)):
-    image = io.BytesIO(image)
-  with Image.open(image) as img:
+    if image.dtype != np.uint8 or image.ndim not in (2, 3):
+      raise ValueError(f"Expected a uint8 [H, W(, C)] image array, got "
+                       f"{image.dtype} {image.shape}.")
+    if image.ndim == 3 and image.shape[-1] == 1:
+      image = image[..., 0]
+    img = Image.fromarray(image)
+  else:
+    if image is None:
+      raise ValueError("The source returned no image.")
+    if isinstance(image, (bytes, bytearray, memoryview)):
+      image = io.BytesIO(image)
+    img = Image.open(image)
     img.load()
-    return img.convert("RGB")
+  if img.mode == "RGB":
+    return img
+  if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+    img = img.convert("RGBA")
+    background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, img).convert("RGB")
+  return img.convert("RGB")
 
 
-def random_resized_crop(img: Image.Image, rng: np.random.Generator,
-                        scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
-  """A crop of `scale` x area and aspect `ratio` (Inception-style)."""
-  width, height = img.size
+def random_resized_crop_box(width: int, height: int,
+                            rng: np.random.Generator, scale=(0.5, 1.0),
+                            ratio=(3 / 4, 4 / 3)):
+  """(left, top, right, bottom) of a crop of `scale` x area, aspect `ratio`.
+
+  Up to 10 tries; then the largest centred crop of an aspect in `ratio`.
+  """
   area = width * height
   for _ in range(10):
     target = area * rng.uniform(*scale)
     aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
-    w = int(round(np.sqrt(target * aspect)))
-    h = int(round(np.sqrt(target / aspect)))
+    w = round(np.sqrt(target * aspect))
+    h = round(np.sqrt(target / aspect))
     if 0 < w <= width and 0 < h <= height:
       x = int(rng.integers(0, width - w + 1))
       y = int(rng.integers(0, height - h + 1))
-      return img.crop((x, y, x + w, y + h))
-  return img
+      return x, y, x + w, y + h
+  aspect = min(max(width / height, ratio[0]), ratio[1])
+  w, h = (width, round(width / aspect)) if width / height < aspect else (
+      round(height * aspect), height)
+  w, h = min(w, width), min(h, height)
+  x, y = (width - w) // 2, (height - h) // 2
+  return x, y, x + w, y + h
 
 
-def normalize(pixels: np.ndarray, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
-  """uint8 [H, W, 3] -> float32 (pixels / 255 - mean) / std."""
-  x = pixels.astype(np.float32) / 255.0
-  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+def center_square_box(width: int, height: int):
+  """The largest centred square."""
+  side = min(width, height)
+  x, y = (width - side) // 2, (height - side) // 2
+  return x, y, x + side, y + side
 
 
-def preprocess_image(image, size: int, rng: np.random.Generator | None, *,
-                     crop_scale=None, flip: bool = False, mean=CLIP_MEAN,
-                     std=CLIP_STD) -> np.ndarray:
-  """Decode -> (crop) -> resize to size x size -> (flip) -> normalise."""
+def preprocess_image(image, size: int, rng: np.random.Generator | None = None,
+                     *, crop_scale=None, flip: bool = False) -> np.ndarray:
+  """Decode -> crop (random, or centre square) -> resize -> (flip).
+
+  Returns uint8 [size, size, 3]. `rng=None` (evaluation) means no random
+  crop and no flip.
+  """
   img = decode(image)
   if rng is not None and crop_scale is not None:
-    img = random_resized_crop(img, rng, scale=tuple(crop_scale))
-  if img.size != (size, size):
-    img = img.resize((size, size), Image.BICUBIC)
+    box = random_resized_crop_box(*img.size, rng, scale=tuple(crop_scale))
+  else:
+    box = center_square_box(*img.size)
+  if box != (0, 0, *img.size) or img.size != (size, size):
+    img = img.resize((size, size), Image.BICUBIC, box=box)
   pixels = np.asarray(img)
   if rng is not None and flip and rng.random() < 0.5:
     pixels = pixels[:, ::-1]
-  return normalize(pixels, mean, std)
+  return np.ascontiguousarray(pixels)
+
+
+def normalize(pixels: np.ndarray, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
+  """uint8 [..., 3] -> float32 (pixels / 255 - mean) / std."""
+  scale = 1.0 / (255.0 * np.asarray(std, np.float32))
+  offset = np.asarray(mean, np.float32) / np.asarray(std, np.float32)
+  return pixels.astype(np.float32) * scale - offset
