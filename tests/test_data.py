@@ -354,3 +354,31 @@ def test_emoji_training_batches(tmp_path):
   decoded = {tok.decode(row) for row in batch["text"]}
   assert decoded <= {c.lower() for c in captions} | {
       tok.decode(tok.encode([c.lower()], 8)[0]) for c in captions}
+
+
+def test_caption_templates_and_style_augmentation_are_seeded(tmp_path):
+  """Training captions are wrapped in a template; both are per-record
+  random, so the same seed gives the same batch and another seed differs."""
+  from clip_jax.data import transforms as transforms_lib  # pylint: disable=g-import-not-at-top
+  opts = dict(image_size=8, context_length=4, crop_scale=None, flip=False,
+              style_strength=0.4, caption_templates=("a {}", "b {} c"))
+  seen = set()
+
+  class Recorder:
+    def encode(self, texts, length, policy):
+      seen.update(texts)
+      return np.zeros((len(texts), length), np.int32)
+
+  prep = pipeline.Preprocess(pipeline.PreprocessOptions(**opts), Recorder())
+  image = np.full((16, 16, 3), 128, np.uint8)
+  image[4:12, 4:12] = (200, 30, 30)
+  outs = [prep.random_map({"image": image, "captions": ["red"]},
+                          np.random.default_rng(i)) for i in range(20)]
+  assert seen == {"a red", "b red c"}
+  again = prep.random_map({"image": image, "captions": ["red"]},
+                          np.random.default_rng(3))
+  np.testing.assert_array_equal(again["image"], outs[3]["image"])
+  assert len({o["image"].tobytes() for o in outs}) > 10
+  plain = transforms_lib.preprocess_image(image, 8, np.random.default_rng(0))
+  assert not np.array_equal(plain, outs[0]["image"]) or not np.array_equal(
+      plain, outs[1]["image"])

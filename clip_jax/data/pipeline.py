@@ -57,6 +57,12 @@ Data config keys (`config.data`, defaults in `default_data_config()`):
                     None = no crop (centre square, resized).
   flip              random horizontal flips in training (off: captions
                     say left/right, text in images would read backwards).
+  style_strength    colour jitter / greyscale / blur in training
+                    (transforms.style_augment); 0 = off.
+  caption_templates training captions become a random template of this
+                    set (evals/templates.py name or list) filled with the
+                    caption, so prompt ensembles at test time are in
+                    distribution; None = captions as they are.
   mean, std         per-channel normalisation of [0, 1] pixels (CLIP's).
   tokenizer         a sentencepiece .model path, or 'emoji' = train one on
                     the emoji train captions (cached in cache_dir).
@@ -116,7 +122,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       "synthetic_size": 4096, "synthetic_seed": 0,
       "image_size": 224,
       "random_resized_crop": config_dict.placeholder(tuple),
-      "flip": False,
+      "flip": False, "style_strength": 0.0,
+      "caption_templates": config_dict.placeholder(str),
       "mean": transforms.CLIP_MEAN, "std": transforms.CLIP_STD,
       "tokenizer": "emoji", "vocab_size": 49408, "context_length": 77,
       "eos_policy": "eos", "lowercase": True,
@@ -140,6 +147,13 @@ def get_tokenizer(data_config):
   return tokenizer_lib.load(name, lowercase=data_config.lowercase)
 
 
+def _caption_templates(name_or_list):
+  if not name_or_list:
+    return None
+  from clip_jax.evals import templates  # pylint: disable=g-import-not-at-top
+  return tuple(templates.get_templates(name_or_list))
+
+
 @dataclasses.dataclass(frozen=True)
 class PreprocessOptions:
   image_size: int
@@ -147,6 +161,8 @@ class PreprocessOptions:
   eos_policy: str = "eos"
   crop_scale: tuple | None = None
   flip: bool = False
+  style_strength: float = 0.0
+  caption_templates: tuple | None = None
   train: bool = True
 
 
@@ -184,11 +200,16 @@ class Preprocess(grain.transforms.RandomMap):
           raise ValueError("no caption")
         caption = (captions[int(rng.integers(len(captions)))]
                    if o.train and len(captions) > 1 else captions[0])
+        if o.train and o.caption_templates:
+          template = o.caption_templates[
+              int(rng.integers(len(o.caption_templates)))]
+          caption = template.format(caption)
         out["text"] = self.tokenizer.encode([caption], o.context_length,
                                             o.eos_policy)[0]
       out["image"] = transforms.preprocess_image(
           record.get("image"), o.image_size, rng if o.train else None,
-          crop_scale=o.crop_scale, flip=o.flip)
+          crop_scale=o.crop_scale, flip=o.flip,
+          style_strength=o.style_strength)
     except Exception as e:  # noqa: BLE001  pylint: disable=broad-except
       # Bad data (PIL raises OSError, ValueError, SyntaxError, ...) must not
       # crash a run; the error text goes into the skip report.
@@ -525,7 +546,10 @@ def make_dataset(data_config, *, split: str, batch_size_per_process: int,
   options = PreprocessOptions(
       image_size=c.image_size, context_length=c.context_length,
       eos_policy=c.eos_policy, crop_scale=tuple(crop) if crop else None,
-      flip=bool(c.get("flip")), train=train)
+      flip=bool(c.get("flip")),
+      style_strength=float(c.get("style_strength") or 0.0),
+      caption_templates=_caption_templates(c.get("caption_templates")),
+      train=train)
   preprocess = Preprocess(options, tokenizer)
   seed = int(seed) % 2**32
   ds = grain.MapDataset.source(source).seed(seed)
