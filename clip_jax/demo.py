@@ -1,6 +1,7 @@
 """`make demo`: prepare the emoji data, train configs/demo.py, print results.
 
-  python -m clip_jax.demo [--workdir runs/demo] [--config configs/demo.py:steps=N]
+  python -m clip_jax.demo [--workdir runs/demo]
+      [--config configs/demo.py:steps=N]
 
 Re-running on a finished workdir trains nothing (it resumes at the end) and
 prints the recorded results again; use a new --workdir for a new run.

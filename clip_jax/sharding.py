@@ -17,7 +17,8 @@ import re
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from clip_jax import config as config_lib
 from clip_jax.optim import path_str
@@ -63,11 +64,8 @@ def tree_shardings(tree, mesh: Mesh, rules):
 
   def leaf_sharding(path, leaf):
     name = path_str(path)
-    for pattern, rule in compiled:
-      if pattern.search(name):
-        break
-    else:
-      rule = "replicate"
+    rule = next((r for pattern, r in compiled if pattern.search(name)),
+                "replicate")
     if rule == "replicate":
       return NamedSharding(mesh, P())
     if rule == "fsdp":

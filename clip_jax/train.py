@@ -13,7 +13,6 @@ detects, or from --coordinator_address/--num_processes/--process_id.
 from __future__ import annotations
 
 import signal
-import sys
 import time
 
 import jax
@@ -23,11 +22,9 @@ from ml_collections import config_flags
 
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import config as config_lib
-from clip_jax import losses
+from clip_jax import losses, optim, train_state
 from clip_jax import metrics as metrics_lib
-from clip_jax import optim
 from clip_jax import sharding as sharding_lib
-from clip_jax import train_state
 from clip_jax.evals import run as eval_run
 from clip_jax.models import two_towers
 

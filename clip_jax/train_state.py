@@ -12,8 +12,6 @@ plain step differentiates their composition in one go.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax

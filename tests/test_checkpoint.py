@@ -4,7 +4,6 @@ import json
 import os
 
 import numpy as np
-
 from test_multiprocess import read_losses, run_workers
 
 

@@ -58,8 +58,8 @@ def test_captions_from_names():
 def test_splits_are_deterministic_disjoint_and_follow_bases():
   rows, names = sources._emoji_splits()
   again, names_again = sources._emoji_splits()
-  assert [(e.emoji, l) for e, l in rows["train"]] == [
-      (e.emoji, l) for e, l in again["train"]]
+  assert [(e.emoji, lab) for e, lab in rows["train"]] == [
+      (e.emoji, lab) for e, lab in again["train"]]
   assert names == names_again
   train = {e.emoji for e, _ in rows["train"]}
   held = {e.emoji for e, _ in rows["heldout_concepts"]}

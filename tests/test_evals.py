@@ -139,7 +139,8 @@ def test_embedding_pads_the_last_batch_and_drops_the_padding():
   assert got.shape == (37, 8)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   # Eval batches with a mask: padded rows are dropped, order kept.
-  batches = [{"image": images[:16], "mask": np.ones(16), "label": np.arange(16)},
+  batches = [{"image": images[:16], "mask": np.ones(16),
+              "label": np.arange(16)},
              {"image": np.concatenate([images[16:], images[:11]]),
               "mask": np.r_[np.ones(21), np.zeros(11)],
               "label": np.arange(16, 48)}]

@@ -6,8 +6,9 @@ r"""Input-pipeline benchmark: emoji preparation time and examples/s.
 
 Prints one line per setting and writes JSON (a list of dicts). `--fresh`
 prepares the emoji dataset into a new temporary cache (deleted afterwards)
-and reports the time; otherwise the cached one is used. `pipeline_examples_per_sec(...)` is also
-what clip_jax.bench can call next to the train step's consumption.
+and reports the time; otherwise the cached one is used.
+`pipeline_examples_per_sec(...)` is also what clip_jax.bench can call next to
+the train step's consumption.
 """
 
 from __future__ import annotations
