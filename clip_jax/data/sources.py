@@ -448,30 +448,38 @@ def _as_text_list(value) -> list[str]:
           for v in np.asarray(value, dtype=object).reshape(-1)]
 
 
+def open_tfds(name: str, split: str, data_dir: str | None):
+  """tfds.data_source of a dataset prepared as array_record (no TensorFlow).
+
+  Errors say how to install tensorflow-datasets or prepare the dataset.
+  """
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        "TFDS datasets need tensorflow-datasets (`pip install "
+        "tensorflow-datasets==4.9.10`); TensorFlow itself is not needed "
+        "to read a dataset prepared as array_record.") from e
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir,
+                            download=False)
+  except Exception as e:  # Re-raised with a how-to.
+    raise ValueError(
+        f"Could not open TFDS dataset {name!r} split {split!r} in "
+        f"data_dir={data_dir!r} ({type(e).__name__}: {e}). Prepare it "
+        "once as array_record, e.g. `tfds build "
+        f"{name} --data_dir=DIR --file_format=array_record` (preparation "
+        "may need TensorFlow; training does not).") from e
+
+
 class TfdsSource:
   """A TFDS dataset prepared as array_record, read without TensorFlow."""
 
   def __init__(self, name: str, split: str, *, data_dir: str | None,
                image_key: str, text_key: str, label_key: str | None = None):
-    try:
-      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ImportError(
-          "config.data.source='tfds' needs tensorflow-datasets (`pip install "
-          "tensorflow-datasets==4.9.10`); TensorFlow itself is not needed "
-          "to read a dataset prepared as array_record.") from e
     self.name, self.image_key, self.text_key = name, image_key, text_key
     self.label_key = label_key
-    try:
-      self.data = tfds.data_source(name, split=split, data_dir=data_dir,
-                                   download=False)
-    except Exception as e:  # Re-raised with a how-to.
-      raise ValueError(
-          f"Could not open TFDS dataset {name!r} split {split!r} in "
-          f"data_dir={data_dir!r} ({type(e).__name__}: {e}). Prepare it "
-          "once as array_record, e.g. `tfds build "
-          f"{name} --data_dir=DIR --file_format=array_record` (preparation "
-          "may need TensorFlow; training does not).") from e
+    self.data = open_tfds(name, split, data_dir)
     self.class_names = None
     if label_key:
       feature = _lookup(self.data.dataset_info.features, label_key)

@@ -1,34 +1,63 @@
 """Embedding many images or texts on the mesh, batch by batch.
 
-Batches are split over all devices like training batches. Every process
-loads the same global batch and feeds its own rows; the embeddings come back
-replicated. A last partial batch is padded to the full batch size and the
-padding dropped again, so every example is embedded exactly once.
+An `encode_fn(params, x)` maps a global batch `x` (a jax.Array sharded over
+the batch, `sharding.batch_sharding(mesh)`) to embeddings [b, D] (replicated
+or batch-sharded). `make_encode_fn` builds one from a TwoTowers model.
+
+Multi-process: every process iterates the *same* global batches (eval data
+readers are deterministic and unshuffled) and feeds its contiguous share of
+the rows (`host_to_global`); the embeddings come back to every process.
+
+Padding: a batch of b rows is padded (repeating its last row) to a multiple
+of the device count (times the process count), and the padding dropped
+again; rows whose batch 'mask' is 0 (padding the reader added to the last
+partial batch, or examples it could not read) are dropped too. So every real
+example is embedded exactly once, in input order.
+
+Transfers: batch i's embeddings are copied to the host while batch i+1 runs
+(one batch of lag), so the device is not idle while the host converts, and
+at most two batches of embeddings are held on device.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from clip_jax import sharding as sharding_lib
-from clip_jax.models import two_towers
+
+DEFAULT_BATCH_SIZE = 256
 
 
-def round_batch_size(batch_size: int, device_count: int) -> int:
-  """The smallest multiple of the device count >= batch_size."""
-  return -(-batch_size // device_count) * device_count
+@functools.partial(jax.jit, static_argnames=("model", "method", "mesh"))
+def _apply(params, x, *, model, method: str, mesh):
+  x = jax.lax.with_sharding_constraint(x, sharding_lib.batch_sharding(mesh))
+  out = model.apply({"params": params}, x, method=getattr(model, method))
+  return jax.lax.with_sharding_constraint(out, sharding_lib.replicated(mesh))
 
 
-@functools.lru_cache(maxsize=8)
-def _encoder(model, mesh, method_name: str):
-  method = getattr(two_towers.TwoTowers, method_name)
-  return jax.jit(
-      lambda params, x: model.apply({"params": params}, x, method=method),
-      in_shardings=(None, sharding_lib.batch_sharding(mesh)),
-      out_shardings=sharding_lib.replicated(mesh))
+def make_encode_fn(model, mesh, kind: str) -> Callable:
+  """encode_fn(params, x) for kind 'image' (model.encode_image) or 'text'
+  (model.encode_text); jitted, output replicated. Compiled once per
+  (model, mesh, kind, input shape) — jax's cache, not ours."""
+  if kind not in ("image", "text"):
+    raise ValueError(f"kind={kind!r}: expected 'image' or 'text'.")
+  return functools.partial(_apply, model=model, method=f"encode_{kind}",
+                           mesh=mesh)
+
+
+def padded_size(n: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` that is >= n (and >= multiple)."""
+  return max(1, -(-n // multiple)) * multiple
+
+
+def _row_multiple(mesh) -> int:
+  # The mesh spans all processes' devices; each process feeds an equal share.
+  return int(np.lcm(mesh.size, jax.process_count()))
 
 
 def _process_rows(x):
@@ -37,37 +66,139 @@ def _process_rows(x):
   return x[index * n // count:(index + 1) * n // count]
 
 
-def embed_arrays(model, params, mesh, inputs: np.ndarray, kind: str,
-                 batch_size: int) -> np.ndarray:
-  """Embeds every row of `inputs` (images or tokens); float32 [len, D]."""
-  batch_size = round_batch_size(batch_size, mesh.size * jax.process_count())
-  encode = _encoder(model, mesh, "encode_image" if kind == "image" else
-                    "encode_text")
-  out = []
-  for start in range(0, len(inputs), batch_size):
-    chunk = inputs[start:start + batch_size]
-    real = len(chunk)
-    if real < batch_size:
-      pad = np.repeat(chunk[-1:], batch_size - real, axis=0)
-      chunk = np.concatenate([chunk, pad])
-    x = sharding_lib.host_to_global(_process_rows(chunk), mesh)
-    out.append(np.asarray(encode(params, x))[:real])
-  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+def _to_host(x) -> np.ndarray:
+  if x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def embed_batches(model, params, mesh, batches):
-  """Image embeddings of eval batches with 'mask'; returns (emb, batch rows)
+def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
+  if len(x) == n:
+    return x
+  return np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)])
 
-  where rows is the dict of the batches' other arrays, real rows only.
+
+class _Embedder:
+  """Runs encode_fn over global batches with one batch of transfer lag."""
+
+  def __init__(self, encode_fn, params, mesh):
+    self.encode_fn, self.params, self.mesh = encode_fn, params, mesh
+    self.multiple = _row_multiple(mesh)
+    self.pending = None
+    self.done = []
+
+  def add(self, x: np.ndarray, keep: np.ndarray, size: int | None = None):
+    """Embeds rows x[keep]; pads x to `size` rows (or the next multiple)."""
+    x = np.asarray(x)
+    size = padded_size(len(x), self.multiple) if size is None else size
+    out = self.encode_fn(self.params, sharding_lib.host_to_global(
+        _process_rows(_pad_rows(x, size)), self.mesh))
+    self._flush()
+    self.pending = (out, np.asarray(keep))
+
+  def _flush(self):
+    if self.pending is not None:
+      out, keep = self.pending
+      self.done.append(_to_host(out)[:len(keep)][keep])
+      self.pending = None
+
+  def result(self) -> np.ndarray | None:
+    self._flush()
+    if not self.done:
+      return None
+    return np.concatenate(self.done).astype(np.float32)
+
+
+def embed_arrays(encode_fn, params, mesh, inputs, *,
+                 batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+  """float32 [N, D]: every row of `inputs` (images or tokens) embedded.
+
+  Chunks of batch_size rows (rounded up to the device count); the last
+  chunk is padded to the same size, so one compilation serves all.
   """
-  embeddings, kept = [], {}
+  inputs = np.asarray(inputs)
+  if len(inputs) == 0:
+    raise ValueError("embed_arrays() got no inputs.")
+  size = padded_size(min(batch_size, len(inputs)), _row_multiple(mesh))
+  embedder = _Embedder(encode_fn, params, mesh)
+  for start in range(0, len(inputs), size):
+    chunk = inputs[start:start + size]
+    embedder.add(chunk, np.ones(len(chunk), bool), size)
+  return embedder.result()
+
+
+def embed_batches(encode_fn, params, mesh, batches: Iterable[dict], *,
+                  key: str = "image") -> tuple[np.ndarray, dict]:
+  """Embeds batch[key] of eval batches; drops rows with mask 0.
+
+  Returns (float32 [N, D] embeddings of the real rows, in order; dict of
+  the batches' other per-row entries, real rows only, concatenated: e.g.
+  'label', 'index', 'captions'). Scalars and 'mask' are not returned;
+  'num_skipped' (per-row counts) is summed into an int.
+  """
+  embedder = _Embedder(encode_fn, params, mesh)
+  rows, num_skipped, seen, size = {}, 0, 0, 0
   for batch in batches:
-    keep = batch["mask"] > 0
-    emb = embed_arrays(model, params, mesh, batch["image"], "image",
-                       len(batch["image"]))
-    embeddings.append(emb[keep])
-    for key, value in batch.items():
-      if key not in ("image", "mask"):
-        kept.setdefault(key, []).append(value[keep])
-  return (np.concatenate(embeddings),
-          {k: np.concatenate(v) for k, v in kept.items()})
+    x = np.asarray(batch[key])
+    mask = batch.get("mask")
+    keep = (np.ones(len(x), bool) if mask is None
+            else np.asarray(mask).reshape(-1) > 0)
+    if len(keep) != len(x):
+      raise ValueError(f"Batch has {len(x)} rows of {key!r} but "
+                       f"{len(keep)} mask entries.")
+    num_skipped += int(np.sum(batch.get("num_skipped", 0)))
+    seen += 1
+    if not keep.any():
+      continue
+    # A short last batch is padded to the size of the earlier ones: one
+    # compilation serves all batches.
+    size = max(size, padded_size(len(x), embedder.multiple))
+    embedder.add(x, keep, size)
+    for name, value in batch.items():
+      if name in (key, "mask", "num_skipped"):
+        continue
+      if not isinstance(value, (list, tuple)):
+        value = np.asarray(value)
+        if value.ndim == 0:
+          continue  # Not a per-row entry.
+      if len(value) != len(x):
+        continue  # Not a per-row entry.
+      if isinstance(value, np.ndarray):
+        rows.setdefault(name, []).append(value[keep])
+      else:  # A list (e.g. captions per row).
+        rows.setdefault(name, []).append(
+            [v for v, k in zip(value, keep) if k])
+  embeddings = embedder.result()
+  if embeddings is None:
+    raise ValueError(f"No examples to embed ({seen} batches, all rows "
+                     "masked)." if seen else "No batches to embed.")
+  out = {}
+  for name, parts in rows.items():
+    out[name] = (np.concatenate(parts) if isinstance(parts[0], np.ndarray)
+                 else [v for part in parts for v in part])
+  out["num_skipped"] = num_skipped
+  return embeddings, out
+
+
+def text_embedder(encode_fn, params, mesh, tokenize: Callable, *,
+                  batch_size: int = DEFAULT_BATCH_SIZE) -> Callable:
+  """embed_texts(list[str]) -> float32 [n, D]: tokenize and embed in
+  batches (tokenize: list[str] -> int32 [n, L])."""
+
+  def embed_texts(texts):
+    texts = list(texts)
+    size = padded_size(min(batch_size, len(texts)), _row_multiple(mesh))
+    embedder = _Embedder(encode_fn, params, mesh)
+    for start in range(0, len(texts), size):
+      chunk = texts[start:start + size]
+      tokens = np.asarray(tokenize(chunk))
+      if len(tokens) != len(chunk):
+        raise ValueError(f"tokenize returned {len(tokens)} rows for "
+                         f"{len(chunk)} texts.")
+      embedder.add(tokens, np.ones(len(chunk), bool), size)
+    result = embedder.result()
+    if result is None:
+      raise ValueError("embed_texts() got no texts.")
+    return result
+
+  return embed_texts

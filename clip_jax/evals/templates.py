@@ -1,7 +1,14 @@
 """Prompt template sets for zero-shot classification (data, not code).
 
-`clip_imagenet` is the 80-template ensemble of the CLIP paper's ImageNet
-evaluation; `short` a handful of them; `none` the bare class name.
+Each template has exactly one '{}' where the class name goes.
+  clip_imagenet    the 80 templates of CLIP's ImageNet prompt ensemble
+                   (Radford et al. 2021, the "Prompt Engineering for
+                   ImageNet" notebook of the CLIP repository);
+  clip_imagenet_7  the 7-template subset that notebook selected;
+  short            a handful of generic photo templates;
+  none             the bare class name;
+  emoji            for the built-in emoji dataset (renderings, not photos).
+User lists are accepted wherever a set name is (`get_templates`).
 """
 
 CLIP_IMAGENET = [
@@ -40,8 +47,15 @@ CLIP_IMAGENET = [
     "a photo of a cool {}.", "a photo of a small {}.", "a tattoo of the {}.",
 ]
 
+CLIP_IMAGENET_7 = [
+    "itap of a {}.", "a bad photo of the {}.", "a origami {}.",
+    "a photo of the large {}.", "a {} in a video game.", "art of the {}.",
+    "a photo of the small {}.",
+]
+
 TEMPLATES = {
     "clip_imagenet": CLIP_IMAGENET,
+    "clip_imagenet_7": CLIP_IMAGENET_7,
     "short": ["a photo of a {}.", "a bad photo of a {}.",
               "a photo of the large {}.", "a photo of the small {}.",
               "art of the {}.", "a drawing of a {}."],
@@ -57,10 +71,22 @@ def get_templates(name_or_list) -> list[str]:
     if name_or_list not in TEMPLATES:
       raise ValueError(
           f"Unknown template set {name_or_list!r}; valid names: "
-          f"{', '.join(sorted(TEMPLATES))} (or give a list of templates).")
-    return TEMPLATES[name_or_list]
+          f"{', '.join(sorted(TEMPLATES))} (or give a list of templates, "
+          "each with one '{}' for the class name).")
+    return list(TEMPLATES[name_or_list])
   templates = list(name_or_list)
+  if not templates:
+    raise ValueError("The template list is empty; give at least one "
+                     "template such as '{}' or 'a photo of a {}.'.")
   for t in templates:
-    if "{}" not in t:
-      raise ValueError(f"Template {t!r} has no '{{}}' for the class name.")
+    if not isinstance(t, str):
+      raise ValueError(f"Template {t!r} is not a string.")
+    try:
+      ok = t.count("{}") == 1 and t.format("x") == t.replace("{}", "x")
+    except (IndexError, KeyError, ValueError):
+      ok = False
+    if not ok:
+      raise ValueError(
+          f"Template {t!r} must contain exactly one '{{}}' for the class "
+          "name and no other braces, e.g. 'a photo of a {}.'.")
   return templates
