@@ -1,4 +1,12 @@
-"""Pieces both towers share: dtypes, activations, the pre-LN encoder."""
+"""Pieces both towers share: dtypes, activations, the pre-LN encoder.
+
+Numerics: params are float32 (flax's default param_dtype); `dtype` is the
+compute dtype of matmuls and activations. LayerNorm statistics and the
+attention softmax are always computed in float32 (flax's
+`force_float32_reductions` / `force_fp32_for_softmax`). LayerNorm epsilon is
+1e-5, PyTorch's default, as in OpenAI CLIP and open_clip (so their weights
+can be loaded and reproduce their outputs).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+LN_EPS = 1e-5
 
 
 def quick_gelu(x):
@@ -16,20 +25,39 @@ def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"gelu": nn.gelu, "quick_gelu": quick_gelu}
+# 'gelu' is the tanh approximation (flax/big_vision's default, SigLIP);
+# 'gelu_exact' the erf form (PyTorch's nn.GELU, open_clip's non-OpenAI models).
+ACTIVATIONS = {
+    "gelu": nn.gelu,
+    "gelu_exact": lambda x: nn.gelu(x, approximate=False),
+    "quick_gelu": quick_gelu,
+}
 
 
 def parse_dtype(name: str):
+  """'float32' | 'bfloat16' -> the jnp dtype."""
   if name not in DTYPES:
-    raise ValueError(f"dtype {name!r} is not one of {sorted(DTYPES)}.")
+    raise ValueError(f"config.model.dtype={name!r} is not one of "
+                     f"{sorted(DTYPES)}.")
   return DTYPES[name]
 
 
 def get_activation(name: str) -> Callable:
+  """An ACTIVATIONS name -> the function."""
   if name not in ACTIVATIONS:
-    raise ValueError(
-        f"activation {name!r} is not one of {sorted(ACTIVATIONS)}.")
+    raise ValueError(f"config.model.activation={name!r} is not one of "
+                     f"{sorted(ACTIVATIONS)}.")
   return ACTIVATIONS[name]
+
+
+def layer_norm(dtype, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, name=name)
+
+
+def attention(heads: int, dtype, name: str) -> nn.MultiHeadDotProductAttention:
+  """flax multi-head attention, softmax in float32 whatever `dtype` is."""
+  return nn.MultiHeadDotProductAttention(
+      num_heads=heads, dtype=dtype, force_fp32_for_softmax=True, name=name)
 
 
 def resolve_variant(tower_config, variants: dict, tower: str) -> dict:
@@ -75,11 +103,10 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None):
-    y = nn.LayerNorm(dtype=self.dtype, name="ln1")(x)
-    y = nn.MultiHeadDotProductAttention(
-        num_heads=self.heads, dtype=self.dtype, name="attn")(y, y, mask=mask)
+    y = layer_norm(self.dtype, "ln1")(x)
+    y = attention(self.heads, self.dtype, "attn")(y, y, mask=mask)
     x = x + y
-    y = nn.LayerNorm(dtype=self.dtype, name="ln2")(x)
+    y = layer_norm(self.dtype, "ln2")(x)
     y = MlpBlock(self.mlp_dim, self.activation, self.dtype, name="mlp")(y)
     return x + y
 

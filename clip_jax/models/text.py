@@ -6,7 +6,21 @@ attention, final LayerNorm, feature at the EOS token). Pooling options:
   last   the last position (the tokenizer then repeats EOS to the end);
   first  position 0;
   mean   the mean over non-pad positions.
-Pad keys (token == pad_id) are masked out of attention, causal or not.
+Pad keys (token == pad_id) are masked out of attention, causal or not, so
+the outputs at real tokens do not depend on how much padding follows.
+
+Config (`config.model.text`):
+  variant         a VARIANTS name; width / depth / mlp_dim / heads keys, when
+                  present and not None, override the variant's value.
+  vocab_size      rows of the token embedding.
+  context_length  rows of the position embedding; longer inputs are an error,
+                  shorter ones use the first rows.
+  pool            one of POOLS (above).
+  causal          causal self-attention (CLIP: True; SigLIP: False).
+  eos_id, pad_id  the tokenizer's ids (clip_jax.data.tokenizer: 1 and 0).
+
+Params: token_embed/embedding [vocab, width], pos_embed [context, width],
+encoder/..., ln_final.
 """
 
 from __future__ import annotations
@@ -84,7 +98,7 @@ class TextTransformer(nn.Module):
     x = common.Encoder(self.depth, self.mlp_dim, self.heads, self.activation,
                        self.dtype, self.remat, self.scan, name="encoder")(
                            x, mask)
-    x = nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
+    x = common.layer_norm(self.dtype, "ln_final")(x)
     return pool_tokens(x, tokens, self.pool, eos_id=self.eos_id,
                        pad_id=self.pad_id)
 

@@ -4,30 +4,39 @@ Model config keys (`config.model`):
   embed_dim         width of the joint embedding space.
   logit_scale_init  initial logit scale (the multiplier itself): 1/0.07 for
                     CLIP, 10 for SigLIP. Stored as its log, exponentiated in
-                    the forward pass.
+                    the forward pass (no clamp there).
   logit_scale_max   cap on the scale (CLIP: 100); the trainer clamps the
-                    stored log after every update. None = uncapped.
+                    stored log to `max_log_logit_scale(config.model)` after
+                    every update. None = uncapped.
   logit_bias_init   initial logit bias (SigLIP: -10); None = no bias param.
   dtype             compute dtype 'float32' | 'bfloat16'. Params are float32;
                     embeddings, scale and bias are returned in float32.
-  activation        'gelu' | 'quick_gelu' (OpenAI CLIP's).
-  remat             rematerialise each transformer block in the backward pass.
-  scan              nn.scan over the blocks (params stacked on a depth axis).
-  image.variant     clip_jax.models.vit.VARIANTS name ('B/32', 'B/16', 'L/14',
-                    'S/16', 'tiny', 'mu'); image.width/depth/mlp_dim/heads/
-                    patch_size, when set, override the variant's value.
-  image.image_size  input resolution (square).
+  activation        'gelu' (tanh approximation, SigLIP / big_vision) |
+                    'gelu_exact' (erf, PyTorch's nn.GELU) | 'quick_gelu'
+                    (OpenAI CLIP's x * sigmoid(1.702 x)).
+  remat             rematerialise each transformer block in the backward pass
+                    (nn.remat; same values and grads, less activation memory).
+  scan              nn.scan over the blocks: params of block i are row i of
+                    one stacked 'encoder/blocks/block' subtree instead of
+                    'encoder/block{i}'; same outputs for the same weights.
+  image.variant     clip_jax.models.vit.VARIANTS name ('mu', 'tiny', 'S/16',
+                    'B/32', 'B/16', 'L/14'); image.width / depth / mlp_dim /
+                    heads / patch_size, when set and not None, override it.
+  image.image_size  input resolution (square), a multiple of the patch size.
   image.pool        'cls' (class token) | 'map' (attention pooling).
-  text.variant      clip_jax.models.text.VARIANTS name ('base' = CLIP's
-                    12 x 512, 'large', 'tiny', 'mu'); width/depth/mlp_dim/heads
-                    override it.
+  image.ln_pre      optional, default True (CLIP): LayerNorm before the blocks.
+  text.variant      clip_jax.models.text.VARIANTS name ('mu', 'tiny', 'base'
+                    = CLIP's 12 x 512 x 8 heads, 'large' = 12 x 768 x 12);
+                    text.width / depth / mlp_dim / heads override it.
   text.vocab_size, text.context_length, text.eos_id, text.pad_id
   text.pool         'eos' | 'last' | 'first' | 'mean' (see models/text.py).
   text.causal       causal self-attention (CLIP: True).
 
 Params: {'img': ViT, 'txt': TextTransformer, 'img_proj', 'txt_proj'
-(bias-free Dense to embed_dim), 'logit_scale' (log of the scale),
-'logit_bias' (only when logit_bias_init is set)}.
+(bias-free Dense from each tower's width to embed_dim, kept outside the
+towers), 'logit_scale' (float32 scalar, log of the scale), 'logit_bias'
+(float32 scalar, only when logit_bias_init is set)}. With the CLIP variants
+the parameter count equals OpenAI CLIP's (ViT-B/32: 151,277,313).
 """
 
 from __future__ import annotations
@@ -60,8 +69,9 @@ class TwoTowers(nn.Module):
     self.img_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype)
     self.txt_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype)
     self.logit_scale = self.param(
-        "logit_scale", nn.initializers.constant(math.log(self.logit_scale_init)),
-        (), jnp.float32)
+        "logit_scale",
+        nn.initializers.constant(math.log(self.logit_scale_init)), (),
+        jnp.float32)
     if self.logit_bias_init is not None:
       self.logit_bias = self.param(
           "logit_bias", nn.initializers.constant(self.logit_bias_init), (),
@@ -93,6 +103,12 @@ def build_model(model_config) -> TwoTowers:
   if model_config.logit_scale_init <= 0:
     raise ValueError(f"config.model.logit_scale_init="
                      f"{model_config.logit_scale_init} must be > 0.")
+  cap = model_config.get("logit_scale_max")
+  if cap is not None and cap < model_config.logit_scale_init:
+    raise ValueError(
+        f"config.model.logit_scale_max={cap} is below logit_scale_init="
+        f"{model_config.logit_scale_init}; raise the cap, lower the init or "
+        "set logit_scale_max=None (uncapped).")
   return TwoTowers(
       img=vit.build(model_config.image, **shared),
       txt=text.build(model_config.text, **shared),

@@ -1,9 +1,22 @@
 """ViT image tower: patches -> pre-LN transformer -> one pooled vector.
 
 Matches OpenAI CLIP's visual tower (bias-free conv patch embedding, class
-token, learned position embedding, LayerNorm before and after the blocks),
-with MAP (multihead attention pooling with a learned probe, as in SigLIP) as
-the alternative head. The projection to the joint space lives in two_towers.
+token, learned position embedding, LayerNorm before (`ln_pre`) and after the
+blocks), with MAP (multihead attention pooling with a learned probe, as in
+SigLIP / big_vision) as the alternative head. With pool='map' there is no
+class token; `ln_pre=False` drops the LayerNorm before the blocks (as in
+big_vision's ViT). The projection to the joint space lives in two_towers.
+
+Config (`config.model.image`):
+  variant     a VARIANTS name; width / depth / mlp_dim / heads / patch_size
+              keys, when present and not None, override the variant's value.
+  image_size  input resolution (square); a multiple of the patch size.
+  pool        'cls' | 'map'.
+  ln_pre      LayerNorm after patch + position embedding (default True, as
+              in CLIP).
+
+Params: patch_embed/kernel [p, p, 3, width], cls [width] (pool='cls'),
+pos_embed [tokens, width], ln_pre, encoder/..., ln_post, map_head/...
 """
 
 from __future__ import annotations
@@ -40,9 +53,8 @@ class MAPHead(nn.Module):
     probe = self.param("probe", nn.initializers.xavier_uniform(),
                        (1, 1, width))
     probe = jnp.tile(probe, (x.shape[0], 1, 1)).astype(self.dtype)
-    x = nn.MultiHeadDotProductAttention(
-        num_heads=self.heads, dtype=self.dtype, name="attn")(probe, x)
-    y = nn.LayerNorm(dtype=self.dtype, name="ln")(x)
+    x = common.attention(self.heads, self.dtype, "attn")(probe, x)
+    y = common.layer_norm(self.dtype, "ln")(x)
     x = x + common.MlpBlock(self.mlp_dim, self.activation, self.dtype,
                             name="mlp")(y)
     return x[:, 0]
@@ -57,6 +69,7 @@ class ViT(nn.Module):
   patch_size: int
   image_size: int
   pool: str = "cls"
+  ln_pre: bool = True
   activation: str = "quick_gelu"
   dtype: Any = jnp.float32
   remat: bool = False
@@ -78,15 +91,17 @@ class ViT(nn.Module):
     if self.pool == "cls":
       cls = self.param("cls", nn.initializers.normal(self.width ** -0.5),
                        (self.width,))
-      cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, self.width))
+      cls = jnp.broadcast_to(cls.astype(self.dtype),
+                             (x.shape[0], 1, self.width))
       x = jnp.concatenate([cls, x], axis=1)
     pos = self.param("pos_embed", nn.initializers.normal(self.width ** -0.5),
                      (x.shape[1], self.width))
     x = x + pos.astype(self.dtype)
-    x = nn.LayerNorm(dtype=self.dtype, name="ln_pre")(x)
+    if self.ln_pre:
+      x = common.layer_norm(self.dtype, "ln_pre")(x)
     x = common.Encoder(self.depth, self.mlp_dim, self.heads, self.activation,
                        self.dtype, self.remat, self.scan, name="encoder")(x)
-    x = nn.LayerNorm(dtype=self.dtype, name="ln_post")(x)
+    x = common.layer_norm(self.dtype, "ln_post")(x)
     if self.pool == "cls":
       return x[:, 0]
     return MAPHead(self.mlp_dim, self.heads, self.activation, self.dtype,
@@ -103,5 +118,6 @@ def build(image_config, *, activation, dtype, remat, scan) -> ViT:
         f"config.model.image.image_size={image_config.image_size} is not a "
         f"multiple of the patch size {dims['patch_size']}.")
   return ViT(**dims, image_size=image_config.image_size,
-             pool=image_config.pool, activation=activation, dtype=dtype,
-             remat=remat, scan=scan)
+             pool=image_config.pool,
+             ln_pre=bool(image_config.get("ln_pre", True)),
+             activation=activation, dtype=dtype, remat=remat, scan=scan)
