@@ -218,7 +218,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Mesh axis sizes; -1 = all remaining devices. The batch is split over
   # both axes; parameters follow sharding_rules (see clip_jax/sharding.py).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
-  c.sharding_rules = [(".*", "replicate")]
+  c.sharding_rules = ((".*", "replicate"),)  # A tuple: overridable by flag.
 
   # Input: see clip_jax/data/pipeline.py for each key.
   c.data = ml_collections.ConfigDict()

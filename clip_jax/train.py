@@ -108,6 +108,7 @@ def train(config, workdir: str, *, data=None):
                                       total_steps=total_steps,
                                       warmup_steps=warmup_steps)
   shapes, shardings, init = train_state.abstract_state(model, tx, config, mesh)
+  eval_run.validate(config, dataset_size=dataset_size)  # Before compiling.
 
   ckpt = checkpoint_lib.Checkpointer(
       workdir, every_steps=config.checkpoint_every_steps,
@@ -139,7 +140,8 @@ def train(config, workdir: str, *, data=None):
   last_metrics, skipped = {}, 0
 
   def run_evals(step):
-    names = eval_run.due(config, step, total_steps)
+    names = eval_run.due(config, step, total_steps,
+                         dataset_size=dataset_size)
     if not names:
       return {}
     start = time.perf_counter()

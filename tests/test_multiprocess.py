@@ -46,7 +46,7 @@ def read_losses(workdir):
 def test_two_processes_equal_one(tmp_path):
   run_workers(tmp_path / "one", 3, 1, 8)
   run_workers(tmp_path / "two", 3, 2, 4, "mesh.data=2", "mesh.fsdp=4",
-              "sharding_rules=[('.*', 'fsdp')]")
+              "sharding_rules=(('.*', 'fsdp'),)")
   one, two = read_losses(tmp_path / "one"), read_losses(tmp_path / "two")
   assert sorted(one) == [1, 2, 3]
   np.testing.assert_allclose([two[s] for s in one], list(one.values()),
