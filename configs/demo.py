@@ -23,15 +23,15 @@ from clip_jax import config as config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, steps=1200, loss="softmax", batch=256,
-                             eval_every=400)
+  arg = config_lib.parse_arg(arg, steps=2000, loss="softmax", batch=256,
+                             eval_every=500)
   c = config_lib.load_config_file("clip.py", f"loss={arg.loss}")
   c.batch_size = arg.batch
   c.total_examples = None
   c.total_steps = arg.steps
   c.warmup_steps = min(100, arg.steps // 10)
   c.log_every_steps = 50
-  c.checkpoint_every_steps = 400
+  c.checkpoint_every_steps = 500
   c.lr = 2e-3
   c.wd = 0.1
   c.grad_clip_norm = 1.0
