@@ -155,8 +155,7 @@ def validate(config, *, device_count: int, process_count: int = 1) -> None:
   two_towers.validate_model_config(config.model)
   if config.lr <= 0:
     raise ValueError(f"config.lr={config.lr} must be > 0.")
-  for name in ("total",):
-    steps(name, config, batch_size=config.batch_size, dataset_size=1)
+  steps("total", config, batch_size=config.batch_size, dataset_size=1)
   for rule in config.sharding_rules:
     if len(rule) != 2 or rule[1] not in ("replicate", "fsdp"):
       raise ValueError(

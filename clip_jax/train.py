@@ -64,7 +64,7 @@ class _Preemption:
     self.requested = True
 
 
-def make_train_data(config, mesh):
+def make_train_data(config):
   """The per-process training iterator and the dataset size (or None)."""
   from clip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from clip_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
@@ -78,7 +78,8 @@ def make_train_data(config, mesh):
     tokenizer_lib.check_vocab(tokenizer, config.model.text.vocab_size)
   return pipeline.make_train_iterator(
       config.data, global_batch_size=config.batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      tokenizer=tokenizer)
 
 
 def train(config, workdir: str, *, data=None):
@@ -96,8 +97,8 @@ def train(config, workdir: str, *, data=None):
   model = two_towers.build_model(config.model)
   loss_fn = losses.get_loss(config.loss)
 
-  data_iter, dataset_size = data if data is not None else make_train_data(
-      config, mesh)
+  data_iter, dataset_size = (data if data is not None else
+                             make_train_data(config))
   total_steps = config_lib.steps("total", config, batch_size=config.batch_size,
                                  dataset_size=dataset_size)
   warmup_steps = config_lib.steps("warmup", config,

@@ -358,7 +358,6 @@ def test_emoji_training_batches(tmp_path):
 def test_caption_templates_and_style_augmentation_are_seeded(tmp_path):
   """Training captions are wrapped in a template; both are per-record
   random, so the same seed gives the same batch and another seed differs."""
-  from clip_jax.data import transforms as transforms_lib  # pylint: disable=g-import-not-at-top
   opts = dict(image_size=8, context_length=4, crop_scale=None, flip=False,
               style_strength=0.4, caption_templates=("a {}", "b {} c"))
   seen = set()
@@ -378,6 +377,3 @@ def test_caption_templates_and_style_augmentation_are_seeded(tmp_path):
                           np.random.default_rng(3))
   np.testing.assert_array_equal(again["image"], outs[3]["image"])
   assert len({o["image"].tobytes() for o in outs}) > 10
-  plain = transforms_lib.preprocess_image(image, 8, np.random.default_rng(0))
-  assert not np.array_equal(plain, outs[0]["image"]) or not np.array_equal(
-      plain, outs[1]["image"])

@@ -582,8 +582,12 @@ def make_dataset(data_config, *, split: str, batch_size_per_process: int,
 
 
 def make_train_iterator(data_config, *, global_batch_size: int, seed: int,
-                        process_index: int = 0, process_count: int = 1):
-  """(this process's endless training iterator, examples per epoch)."""
+                        process_index: int = 0, process_count: int = 1,
+                        tokenizer=None):
+  """(this process's endless training iterator, examples per epoch).
+
+  `tokenizer` defaults to get_tokenizer(data_config).
+  """
   if global_batch_size % process_count:
     raise ValueError(
         f"The global batch {global_batch_size} is not divisible by the "
@@ -591,7 +595,8 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int,
   iterator = make_dataset(
       data_config, split=data_config.split,
       batch_size_per_process=global_batch_size // process_count, seed=seed,
-      tokenizer=get_tokenizer(data_config), shard_index=process_index,
+      tokenizer=tokenizer or get_tokenizer(data_config),
+      shard_index=process_index,
       shard_count=process_count, train=True)
   return iterator, iterator.num_examples
 
