@@ -66,6 +66,145 @@ def test_random_crop_and_flip_are_functions_of_the_rng():
   assert 0 < sum(flipped) < 20
 
 
+def _smooth_image(size=16):
+  """Mid-range colours (no clipping under mild jitter), varied per pixel."""
+  y, x = np.mgrid[:size, :size]
+  return np.stack([90 + 4 * x, 80 + 3 * y, 140 - 2 * x - y], -1).astype(
+      np.uint8)
+
+
+def _enhance_steps(pixels, b, c, s, grey):
+  """PIL's ImageEnhance blends step by step in float: Brightness blends
+  with black, Contrast with the mean luminance, Color with each pixel's
+  luminance (ITU-R 601 weights)."""
+  luma = lambda x: x @ np.array([0.299, 0.587, 0.114])
+  x = pixels.astype(np.float64) * b
+  mean = luma(x).mean()
+  x = mean + c * (x - mean)
+  x = luma(x)[..., None] + s * (x - luma(x)[..., None])
+  return np.repeat(luma(x)[..., None], 3, -1) if grey else x
+
+
+@pytest.mark.parametrize("grey", [False, True])
+def test_color_jitter_matrices_match_pil_enhance(grey):
+  """One affine map == the step-by-step blends; and == PIL itself up to
+  PIL's rounding to uint8 after each step."""
+  from PIL import ImageEnhance  # pylint: disable=g-import-not-at-top
+  pixels = _smooth_image()
+  b, c, s = 1.1, 0.8, 1.3
+  style = np.array([[b, c, s, float(grey), 0.0]], np.float32)
+  a, t = transforms.color_jitter_matrices(pixels[None], style)
+  got = pixels.astype(np.float32) @ a[0] + t[0]
+  np.testing.assert_allclose(got, _enhance_steps(pixels, b, c, s, grey),
+                             rtol=1e-5)
+  img = Image.fromarray(pixels)
+  for enhance, f in ((ImageEnhance.Brightness, b),
+                     (ImageEnhance.Contrast, c), (ImageEnhance.Color, s)):
+    img = enhance(img).enhance(f)
+  if grey:
+    img = img.convert("L").convert("RGB")
+  expected = np.asarray(img, np.float32)
+  assert 5 < expected.min() and expected.max() < 250  # Nothing clipped.
+  # PIL rounds after each step (error <= 1); contrast scales the first
+  # error by c and adds its own, saturation scales by s + |1 - s| and adds
+  # its own: 1 + (1 + c) * (s + |1 - s|) = 4.04 at most.
+  np.testing.assert_allclose(got, expected,
+                             atol=1 + (1 + c) * (s + abs(1 - s)))
+
+
+def test_gaussian_blur_matrices_match_the_gaussian_formula():
+  sigma, size = 1.3, 21
+  k = transforms.gaussian_blur_matrices(size, np.array([sigma, 0.0, 0.4]))
+  np.testing.assert_allclose(k.sum(2), 1.0, rtol=1e-6)
+  np.testing.assert_array_equal(k[1], np.eye(size))  # sigma 0: identity.
+  # Away from the edges, row i holds exp(-(j - i)^2 / 2 sigma^2), cut at
+  # ceil(3 sigma) and normalised.
+  offsets = np.arange(-4, 5)
+  weights = np.exp(-offsets ** 2 / (2 * sigma ** 2))
+  np.testing.assert_allclose(k[0, 10, 6:15], weights / weights.sum(),
+                             rtol=1e-6)
+  assert np.all(k[0, 10, :6] == 0) and np.all(k[0, 10, 15:] == 0)
+  assert np.count_nonzero(k[2, 10]) == 5  # sigma 0.4: taps to ceil(1.2).
+  # At an edge the taps beyond it land on the edge pixel.
+  np.testing.assert_allclose(k[0, 0, 0], weights[:5].sum() / weights.sum(),
+                             rtol=1e-6)
+
+
+def _blur_reference(x, sigma):
+  """Separable Gaussian blur with edge padding, by np.convolve."""
+  radius = int(np.ceil(3 * sigma))
+  offsets = np.arange(-radius, radius + 1)
+  w = np.exp(-offsets ** 2 / (2 * sigma ** 2))
+  w /= w.sum()
+  blur = lambda v: np.convolve(np.pad(v, radius, mode="edge"), w, "valid")
+  return np.apply_along_axis(blur, 1, np.apply_along_axis(blur, 0, x))
+
+
+def test_apply_style_matches_colour_then_blur_references():
+  images = np.stack([_smooth_image(), _smooth_image()[::-1],
+                     _smooth_image()[:, ::-1]])
+  styles = np.array([[1.1, 0.8, 1.3, 0, 0.0], [0.9, 1.2, 0.7, 0, 0.8],
+                     [1.0, 1.1, 0.9, 1, 1.5]], np.float32)
+  got = transforms.apply_style(images, styles)
+  for image, (b, c, s, grey, sigma), out in zip(images, styles, got):
+    expected = _enhance_steps(image, b, c, s, bool(grey))
+    if sigma:
+      expected = _blur_reference(expected, sigma)
+    # float32 against float64 can differ by one at the final rounding.
+    np.testing.assert_allclose(out, np.clip(np.rint(expected), 0, 255),
+                               atol=1)
+
+
+def test_style_keeps_a_uniform_grey_uniform():
+  """Blur keeps constants and saturation leaves greys alone; brightness and
+  contrast move all pixels alike: a uniform grey stays uniform."""
+  grey = np.full((10, 8, 8, 3), 128, np.uint8)
+  styles = np.stack([transforms.draw_style(np.random.default_rng(seed), 0.4)
+                     for seed in range(10)])
+  assert (styles[:, 4] > 0).any() and (styles[:, 4] == 0).any()
+  out = transforms.apply_style(grey, styles)
+  assert all(np.ptp(o) == 0 for o in out)
+
+
+def test_batched_style_equals_per_image_preprocessing():
+  """The pipeline draws each example's style with its own rng and applies
+  all of them to the batch; preprocess_image does both per image: the
+  same pixels for the same rng."""
+  opts = pipeline.PreprocessOptions(image_size=8, context_length=4,
+                                    crop_scale=(0.5, 1.0), flip=True,
+                                    style_strength=0.4, outline_prob=0.5)
+
+  class NoTokens:
+    def encode(self, texts, length, policy):
+      return np.zeros((len(texts), length), np.int32)
+
+  prep = pipeline.Preprocess(opts, NoTokens())
+  image = np.full((16, 16, 3), 250, np.uint8)
+  image[4:12, 3:10] = (200, 30, 30)
+  record = {"image": image, "captions": ["red"]}  # One caption: no draw.
+  outs = [prep.random_map(record, np.random.default_rng(i))
+          for i in range(12)]
+  batch = transforms.apply_style(np.stack([o["image"] for o in outs]),
+                                 np.stack([o["style"] for o in outs]))
+  for i in range(12):
+    np.testing.assert_array_equal(batch[i], transforms.preprocess_image(
+        image, 8, np.random.default_rng(i), crop_scale=(0.5, 1.0),
+        flip=True, style_strength=0.4, outline_prob=0.5))
+  assert len({b.tobytes() for b in batch}) == 12
+
+
+def test_draw_outline_rings_the_silhouette():
+  image = np.full((32, 32, 3), 255, np.uint8)
+  image[10:22, 10:22] = (200, 30, 30)
+  for seed in range(5):
+    out = np.asarray(transforms.draw_outline(Image.fromarray(image),
+                                             np.random.default_rng(seed)))
+    dark = out.max(-1) < 90
+    assert dark[10, 15] and dark[21, 15] and dark[15, 10]  # The border.
+    np.testing.assert_array_equal(out[12:20, 12:20], image[12:20, 12:20])
+    np.testing.assert_array_equal(out[:7], image[:7])  # Far background.
+
+
 def test_decode_formats():
   rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # Transparent -> white.
   buf = io.BytesIO()
@@ -375,5 +514,7 @@ def test_caption_templates_and_style_augmentation_are_seeded(tmp_path):
   assert seen == {"a red", "b red c"}
   again = prep.random_map({"image": image, "captions": ["red"]},
                           np.random.default_rng(3))
-  np.testing.assert_array_equal(again["image"], outs[3]["image"])
-  assert len({o["image"].tobytes() for o in outs}) > 10
+  np.testing.assert_array_equal(again["style"], outs[3]["style"])
+  styled = transforms.apply_style(np.stack([o["image"] for o in outs]),
+                                  np.stack([o["style"] for o in outs]))
+  assert len({o.tobytes() for o in styled}) > 10

@@ -1,8 +1,13 @@
 """grain input pipeline: per-process numpy batches, checkpointable.
 
   source -> shuffle (reshuffled every epoch) -> repeat -> preprocess
-  (decode, augment, tokenize; a grain RandomMap) -> this process's share
-  -> [worker processes] -> drop and count bad examples -> batch -> normalise
+  (decode, crop/resize, draw the colour/blur style, tokenize; a grain
+  RandomMap) -> this process's share -> [worker processes] -> drop and
+  count bad examples -> batch -> apply the style draws -> normalise
+
+The style (transforms.apply_style) is a 3x3 colour matrix and two blur
+matmuls per image: done per batch it costs a few microseconds an example,
+per example (NumPy call overheads on 16x16 arrays) a hundred.
 
 Order. Everything up to "this process's share" is a grain MapDataset, a
 pure function of (seed, position in the global stream): the shuffle and
@@ -50,6 +55,9 @@ Data config keys (`config.data`, defaults in `default_data_config()`):
                     (None = $CLIP_JAX_CACHE or ~/.cache/clip_jax).
   emoji_limit       only the first N emoji of each split (tests).
   emoji_render_size side of the cached emoji renderings, px.
+  emoji_base_caption  a skin-tone variant also gets its base emoji's name
+                    as a caption (sources.EmojiSource); training only, evals
+                    read the dataset's own captions.
   synthetic_size    number of examples of source 'synthetic'.
   synthetic_seed    seed of the synthetic examples.
   image_size        side S of the square model input, px.
@@ -59,6 +67,9 @@ Data config keys (`config.data`, defaults in `default_data_config()`):
                     say left/right, text in images would read backwards).
   style_strength    colour jitter / greyscale / blur in training
                     (transforms.style_augment); 0 = off.
+  outline_prob      probability of drawing a dark contour around the
+                    silhouette in training (transforms.draw_outline:
+                    line-art styles outline shapes); 0 = off.
   caption_templates training captions become a random template of this
                     set (evals/templates.py name or list) filled with the
                     caption, so prompt ensembles at test time are in
@@ -119,10 +130,11 @@ def default_data_config() -> ml_collections.ConfigDict:
       "cache_dir": config_dict.placeholder(str),
       "emoji_limit": config_dict.placeholder(int),
       "emoji_render_size": sources.DEFAULT_RENDER_SIZE,
+      "emoji_base_caption": False,
       "synthetic_size": 4096, "synthetic_seed": 0,
       "image_size": 224,
       "random_resized_crop": config_dict.placeholder(tuple),
-      "flip": False, "style_strength": 0.0,
+      "flip": False, "style_strength": 0.0, "outline_prob": 0.0,
       "caption_templates": config_dict.placeholder(str),
       "mean": transforms.CLIP_MEAN, "std": transforms.CLIP_STD,
       "tokenizer": "emoji", "vocab_size": 49408, "context_length": 77,
@@ -162,6 +174,7 @@ class PreprocessOptions:
   crop_scale: tuple | None = None
   flip: bool = False
   style_strength: float = 0.0
+  outline_prob: float = 0.0
   caption_templates: tuple | None = None
   train: bool = True
 
@@ -170,9 +183,11 @@ class Preprocess(grain.transforms.RandomMap):
   """Raw record -> fixed-shape example; never raises on bad data.
 
   Output: image uint8 [S, S, 3], text int32 [L], label, index (int32),
-  valid (False for a bad record: zero arrays, `error` says why), pad
-  (True for evaluation padding), id (str). Training samples one caption at
-  random; evaluation takes the first and does no random crop or flip.
+  style float32 [5] (transforms.draw_style: this example's colour / blur
+  draw, applied to whole batches by the iterator; NO_STYLE if none), valid
+  (False for a bad record: zero arrays, `error` says why), pad (True for
+  evaluation padding), id (str). Training samples one caption at random;
+  evaluation takes the first and does no random crop, style or flip.
   """
 
   def __init__(self, options: PreprocessOptions, tokenizer):
@@ -182,6 +197,7 @@ class Preprocess(grain.transforms.RandomMap):
     o = self.options
     out = {"image": np.zeros((o.image_size, o.image_size, 3), np.uint8),
            "text": np.zeros((o.context_length,), np.int32),
+           "style": transforms.NO_STYLE,
            "label": np.int32(record.get("label", -1)),
            "index": np.int32(record.get("_index", -1)),
            "valid": False, "pad": bool(record.get("_pad", False)),
@@ -206,10 +222,11 @@ class Preprocess(grain.transforms.RandomMap):
           caption = template.format(caption)
         out["text"] = self.tokenizer.encode([caption], o.context_length,
                                             o.eos_policy)[0]
-      out["image"] = transforms.preprocess_image(
+      out["image"], scale = transforms.augment_geometry(
           record.get("image"), o.image_size, rng if o.train else None,
-          crop_scale=o.crop_scale, flip=o.flip,
-          style_strength=o.style_strength)
+          crop_scale=o.crop_scale, flip=o.flip, outline_prob=o.outline_prob)
+      if o.train and o.style_strength > 0:  # Applied batch-wise, later.
+        out["style"] = transforms.draw_style(rng, o.style_strength, scale)
     except Exception as e:  # noqa: BLE001  pylint: disable=broad-except
       # Bad data (PIL raises OSError, ValueError, SyntaxError, ...) must not
       # crash a run; the error text goes into the skip report.
@@ -288,7 +305,7 @@ class _Chunks(grain.MapDataset):
     rows = [self._parent[i] for i in range(
         j * self._size, min((j + 1) * self._size, self._n))]
     chunk = {k: np.stack([r[k] for r in rows])
-             for k in ("image", "text", "label", "index")}
+             for k in ("image", "text", "label", "index", "style")}
     for k in ("valid", "pad", "id", "error"):
       chunk[k] = [r[k] for r in rows]
     return chunk
@@ -299,7 +316,8 @@ class _Chunks(grain.MapDataset):
 
 def _unchunk(chunks, skip: int):
   """Examples (dicts) of an iterator of chunks, after the first `skip`."""
-  keys = ("image", "text", "label", "index", "valid", "pad", "id", "error")
+  keys = ("image", "text", "label", "index", "style", "valid", "pad", "id",
+          "error")
   for chunk in chunks:
     for r in range(skip, len(chunk["valid"])):
       yield {k: chunk[k][r] for k in keys}
@@ -431,6 +449,10 @@ class DataIterator:
         raise self._skip_error()  # Not a single usable example.
       raise StopIteration
     images = np.stack([r["image"] for r in rows])
+    if self.train:  # Each example's own style draw, applied batch-wise.
+      styles = np.stack([r["style"] for r in rows])
+      if np.any(styles != transforms.NO_STYLE):
+        images = transforms.apply_style(images, styles)
     batch = {"image": transforms.normalize(images, self._mean, self._std),
              "text": np.stack([r["text"] for r in rows]).astype(np.int32),
              "label": np.array([r["label"] for r in rows], np.int32),
@@ -548,6 +570,7 @@ def make_dataset(data_config, *, split: str, batch_size_per_process: int,
       eos_policy=c.eos_policy, crop_scale=tuple(crop) if crop else None,
       flip=bool(c.get("flip")),
       style_strength=float(c.get("style_strength") or 0.0),
+      outline_prob=float(c.get("outline_prob") or 0.0),
       caption_templates=_caption_templates(c.get("caption_templates")),
       train=train)
   preprocess = Preprocess(options, tokenizer)

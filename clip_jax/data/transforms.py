@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image, ImageChops, ImageFilter
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -85,43 +85,138 @@ def center_square_box(width: int, height: int):
   return x, y, x + side, y + side
 
 
-def style_augment(img: Image.Image, rng: np.random.Generator,
-                  strength: float) -> Image.Image:
-  """Random brightness/contrast/saturation in [1 - strength, 1 + strength],
-  greyscale with probability strength / 2, Gaussian blur with probability
-  1/2: the shading, palette and line detail of one renderer stop being
-  reliable cues (the emoji demo trains on one style, tests on another)."""
-  for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast,
-                  ImageEnhance.Color):
-    img = enhance(img).enhance(float(rng.uniform(1 - strength, 1 + strength)))
-  if rng.random() < strength / 2:
-    img = img.convert("L").convert("RGB")
-  if rng.random() < 0.5:
-    img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.1, 2.0))))
-  return img
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601, as PIL's L.
+# Style parameters of one example (draw_style -> apply_style), float32 [5]:
+# brightness, contrast, saturation factors, greyscale (0 | 1), blur sigma in
+# output pixels (0 = no blur).
+NO_STYLE = np.array([1, 1, 1, 0, 0], np.float32)
 
 
-def preprocess_image(image, size: int, rng: np.random.Generator | None = None,
-                     *, crop_scale=None, flip: bool = False,
-                     style_strength: float = 0.0) -> np.ndarray:
-  """Decode -> crop (random, or centre square) -> resize -> (flip).
+def draw_style(rng: np.random.Generator, strength: float,
+               blur_scale: float = 1.0) -> np.ndarray:
+  """Random style parameters (NO_STYLE's layout): brightness, contrast and
+  saturation factors in [1 - strength, 1 + strength], greyscale with
+  probability strength / 2, Gaussian blur with probability 1/2 (sigma
+  0.1..2 source pixels, times `blur_scale` = output / source size).
 
-  Returns uint8 [size, size, 3]. `rng=None` (evaluation) means no random
-  crop and no flip.
+  They make the shading, palette and line detail of one renderer
+  unreliable cues (the emoji demo trains on one style, tests on another).
+  All of it commutes with resizing (the blur once its sigma is scaled), so
+  it is applied to the small output images, a whole batch at a time
+  (apply_style)."""
+  factors = rng.uniform(1 - strength, 1 + strength, size=3)
+  grey = float(rng.random() < strength / 2)
+  sigma = float(rng.uniform(0.1, 2.0)) * blur_scale
+  sigma = sigma if rng.random() < 0.5 else 0.0
+  return np.array([*factors, grey, sigma], np.float32)
+
+
+def color_jitter_matrices(pixels: np.ndarray, style: np.ndarray):
+  """(A [B, 3, 3], t [B, 3]) with x -> x @ A + t equal, per image, to PIL's
+  ImageEnhance.Brightness, .Contrast, .Color in that order (then optional
+  greyscale), up to PIL's rounding and clipping between the steps.
+
+  All four are linear in the pixel values, so they compose into one map:
+  brightness scales by b; contrast blends towards the mean luminance m of
+  the brightened image, x -> c x + (1 - c) m; saturation blends each pixel
+  towards its own luminance, x -> s x + (1 - s) luma(x), which leaves the
+  grey (1 - c) m unchanged because the luma weights sum to 1; greyscale
+  replaces every channel by the luminance.
   """
+  b, c, s, grey = (style[:, i, None] for i in range(4))
+  mean_luma = b[:, 0] * (pixels.reshape(len(pixels), -1, 3).mean(1) @ LUMA)
+  column = np.where(grey > 0, 1.0, 1 - s)  # [B, 1]: weight of luma(x).
+  a = (b * c)[:, :, None] * LUMA[None, :, None] * column[:, None, :]
+  a = a + ((b * c * s) * (grey == 0))[:, :, None] * np.eye(3)
+  t = np.repeat(((1 - c[:, 0]) * mean_luma)[:, None], 3, axis=1)
+  return a.astype(np.float32), t.astype(np.float32)
+
+
+def gaussian_blur_matrices(size: int, sigmas: np.ndarray) -> np.ndarray:
+  """[B, size, size] K with K[i] @ column = that column blurred by a
+  Gaussian of standard deviation sigmas[i] px (0: identity), taps out to
+  3 sigma, edges extended (rows sum to 1)."""
+  sigmas = np.asarray(sigmas, np.float64)
+  radius = max(1, int(np.ceil(3 * sigmas.max(initial=0.0))))
+  offsets = np.arange(-radius, radius + 1)
+  safe = np.maximum(sigmas, 1e-6)[:, None]
+  weights = np.exp(-0.5 * (offsets / safe) ** 2)
+  weights *= np.abs(offsets) <= np.ceil(3 * safe)
+  weights /= weights.sum(1, keepdims=True)
+  taps = np.clip(np.arange(size)[:, None] + offsets, 0, size - 1)
+  one_hot = (taps[..., None] == np.arange(size)).astype(np.float64)
+  return np.einsum("bt,itj->bij", weights, one_hot).astype(np.float32)
+
+
+def apply_style(images: np.ndarray, style: np.ndarray) -> np.ndarray:
+  """uint8 [B, H, W, 3] with style parameters [B, 5] (draw_style) ->
+  uint8 [B, H, W, 3]: one colour matrix and two blur matmuls per image,
+  batched."""
+  n, h, w, _ = images.shape
+  a, t = color_jitter_matrices(images, style)
+  x = images.astype(np.float32).reshape(n, h * w, 3) @ a + t[:, None]
+  x = x.reshape(n, h, w, 3)
+  blurred = style[:, 4] > 0
+  if blurred.any():
+    y, sig = x[blurred], style[blurred, 4]
+    k = len(y)
+    y = (gaussian_blur_matrices(h, sig) @ y.reshape(k, h, w * 3)).reshape(
+        k, h, w, 3)  # Along columns of pixels (rows of the image).
+    y = gaussian_blur_matrices(w, sig)[:, None] @ y  # Along each row.
+    x[blurred] = y
+  return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def draw_outline(img: Image.Image, rng: np.random.Generator,
+                 max_width: int = 5) -> Image.Image:
+  """Draws a dark contour, 1..max_width px wide, around the silhouette of
+  what is drawn on a near-white background: line-art styles outline their
+  shapes, photographic and shaded ones do not."""
+  width = 2 * int(rng.integers(0, max_width // 2 + 1)) + 1  # Odd: 1, 3, 5.
+  ink = img.convert("L").point(lambda v: 255 if v < 245 else 0)
+  outer = ink.filter(ImageFilter.MaxFilter(width)) if width > 1 else ink
+  inner = ink.filter(ImageFilter.MinFilter(3))
+  ring = ImageChops.subtract(outer, inner)
+  shade = int(rng.integers(0, 80))
+  return Image.composite(Image.new("RGB", img.size, (shade,) * 3), img, ring)
+
+
+def augment_geometry(image, size: int, rng: np.random.Generator | None = None,
+                     *, crop_scale=None, flip: bool = False,
+                     outline_prob: float = 0.0):
+  """Decode -> (outline) -> crop (random, or centre square) -> resize ->
+  (flip). Returns (uint8 [size, size, 3], output / source scale of the
+  crop). `rng=None` (evaluation) means no random crop, outline or flip."""
   img = decode(image)
   if rng is not None and crop_scale is not None:
     box = random_resized_crop_box(*img.size, rng, scale=tuple(crop_scale))
   else:
     box = center_square_box(*img.size)
-  if rng is not None and style_strength > 0:
-    img = style_augment(img, rng, style_strength)
+  if rng is not None and outline_prob > 0 and rng.random() < outline_prob:
+    img = draw_outline(img, rng)
   if box != (0, 0, *img.size) or img.size != (size, size):
     img = img.resize((size, size), Image.BICUBIC, box=box)
   pixels = np.asarray(img)
   if rng is not None and flip and rng.random() < 0.5:
     pixels = pixels[:, ::-1]
-  return np.ascontiguousarray(pixels)
+  return np.ascontiguousarray(pixels), size / (box[2] - box[0])
+
+
+def preprocess_image(image, size: int, rng: np.random.Generator | None = None,
+                     *, crop_scale=None, flip: bool = False,
+                     style_strength: float = 0.0,
+                     outline_prob: float = 0.0) -> np.ndarray:
+  """augment_geometry, then (style): uint8 [size, size, 3].
+
+  One image at a time; the training pipeline makes the same draws from the
+  same rng but applies the style to whole batches (apply_style).
+  """
+  pixels, scale = augment_geometry(image, size, rng, crop_scale=crop_scale,
+                                   flip=flip, outline_prob=outline_prob)
+  if rng is not None and style_strength > 0:
+    style = draw_style(rng, style_strength, blur_scale=scale)
+    pixels = apply_style(pixels[None], style[None])[0]
+  return pixels
 
 
 def normalize(pixels: np.ndarray, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
