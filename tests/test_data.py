@@ -66,6 +66,29 @@ def test_random_crop_and_flip_are_functions_of_the_rng():
   assert 0 < sum(flipped) < 20
 
 
+def test_zoom_out_shrinks_the_image_onto_its_border_colour():
+  """An area fraction of 4 is a window twice the image's side: the 20 px
+  red square of a 30 px white image becomes ~10 px, somewhere inside, and
+  the rest is white."""
+  image = np.full((30, 30, 3), 255, np.uint8)
+  image[5:25, 5:25] = (220, 20, 20)
+  places = set()
+  for seed in range(8):
+    out = transforms.preprocess_image(image, 30, np.random.default_rng(seed),
+                                      crop_scale=(4.0, 4.0))
+    red = (out[..., 0] > 150) & (out[..., 1] < 100)
+    assert 70 <= red.sum() <= 130  # ~10 x 10.
+    assert np.all(out[~red].min(-1) > 100)  # No black fill anywhere.
+    rows, cols = np.nonzero(red)
+    places.add((rows.min(), cols.min()))
+  assert len(places) > 4  # The image lands at random places.
+  # Up to an area fraction of 1 the window stays inside the image.
+  for seed in range(20):
+    box = transforms.random_resized_crop_box(30, 20,
+                                             np.random.default_rng(seed))
+    assert 0 <= box[0] < box[2] <= 30 and 0 <= box[1] < box[3] <= 20
+
+
 def _smooth_image(size=16):
   """Mid-range colours (no clipping under mild jitter), varied per pixel."""
   y, x = np.mgrid[:size, :size]

@@ -62,7 +62,9 @@ Data config keys (`config.data`, defaults in `default_data_config()`):
   synthetic_seed    seed of the synthetic examples.
   image_size        side S of the square model input, px.
   random_resized_crop  (min, max) area fraction of the training crop;
-                    None = no crop (centre square, resized).
+                    max > 1 also zooms out (a window larger than the image,
+                    filled with its border colour); None = no crop (centre
+                    square, resized).
   flip              random horizontal flips in training (off: captions
                     say left/right, text in images would read backwards).
   style_strength    colour jitter / greyscale / blur in training

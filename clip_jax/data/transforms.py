@@ -58,17 +58,21 @@ def random_resized_crop_box(width: int, height: int,
                             ratio=(3 / 4, 4 / 3)):
   """(left, top, right, bottom) of a crop of `scale` x area, aspect `ratio`.
 
-  Up to 10 tries; then the largest centred crop of an aspect in `ratio`.
+  With scale[1] > 1 the window may be larger than the image (zoom out: the
+  image lands at a random place inside it; augment_geometry fills the rest
+  with the border colour). Up to 10 tries; then the largest centred crop
+  of an aspect in `ratio`.
   """
   area = width * height
+  zoom_out = scale[1] > 1
   for _ in range(10):
     target = area * rng.uniform(*scale)
     aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
     w = round(np.sqrt(target * aspect))
     h = round(np.sqrt(target / aspect))
-    if 0 < w <= width and 0 < h <= height:
-      x = int(rng.integers(0, width - w + 1))
-      y = int(rng.integers(0, height - h + 1))
+    if 0 < w and 0 < h and (zoom_out or (w <= width and h <= height)):
+      x = int(rng.integers(min(0, width - w), max(0, width - w) + 1))
+      y = int(rng.integers(min(0, height - h), max(0, height - h) + 1))
       return x, y, x + w, y + h
   aspect = min(max(width / height, ratio[0]), ratio[1])
   w, h = (width, round(width / aspect)) if width / height < aspect else (
@@ -76,6 +80,27 @@ def random_resized_crop_box(width: int, height: int,
   w, h = min(w, width), min(h, height)
   x, y = (width - w) // 2, (height - h) // 2
   return x, y, x + w, y + h
+
+
+def border_colour(img: Image.Image) -> tuple:
+  """Median colour of the outermost pixels (white for emoji renderings)."""
+  pixels = np.asarray(img)
+  border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0],
+                           pixels[:, -1]])
+  return tuple(int(v) for v in np.median(border, axis=0))
+
+
+def pad_to_box(img: Image.Image, box):
+  """(image, box): when `box` reaches outside `img`, the image on a canvas
+  of its border colour that holds the box, and the box moved with it."""
+  left, top = max(0, -box[0]), max(0, -box[1])
+  right, bottom = max(0, box[2] - img.width), max(0, box[3] - img.height)
+  if not (left or top or right or bottom):
+    return img, box
+  canvas = Image.new("RGB", (img.width + left + right,
+                             img.height + top + bottom), border_colour(img))
+  canvas.paste(img, (left, top))
+  return canvas, (box[0] + left, box[1] + top, box[2] + left, box[3] + top)
 
 
 def center_square_box(width: int, height: int):
@@ -194,6 +219,7 @@ def augment_geometry(image, size: int, rng: np.random.Generator | None = None,
     box = center_square_box(*img.size)
   if rng is not None and outline_prob > 0 and rng.random() < outline_prob:
     img = draw_outline(img, rng)
+  img, box = pad_to_box(img, box)
   if box != (0, 0, *img.size) or img.size != (size, size):
     img = img.resize((size, size), Image.BICUBIC, box=box)
   pixels = np.asarray(img)
