@@ -6,9 +6,13 @@
                (median over timed windows, after compilation);
   pipeline     examples/s the input pipeline produces for the same config,
                with the config's worker_count (median over windows);
-  ratio        pipeline / train_step: above 1 the step is the bottleneck.
-The machine is shared and noisy, so both are medians of several windows
-measured in the same run, and the ratio is the figure to compare.
+  ratio        pipeline / train_step: above 1 the step is the bottleneck;
+  train_loop   examples/s of the step fed by the pipeline, as training runs
+               them: on a small machine both share the same cores, so this
+               is below either figure alone, and 1 - train_loop / train_step
+               is the share of the loop's time the input costs.
+The machine is shared and noisy, so all are medians of several windows
+measured in the same run, and the ratios are the figures to compare.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ def _median_rate(fn, examples_per_call: int, windows: int, calls: int):
   return statistics.median(rates), rates
 
 
-def bench_train_step(config, windows: int, calls: int):
+def _make_step(config):
+  """(jitted train step, initial state, mesh) of the config's model."""
   mesh = sharding_lib.make_mesh(config.mesh)
   model = two_towers.build_model(config.model)
   tx, schedule = optim.make_optimizer(
@@ -53,6 +58,22 @@ def bench_train_step(config, windows: int, calls: int):
   step = train_state.make_train_step(
       model, tx, losses.get_loss(config.loss), schedule, mesh, shardings,
       max_log_logit_scale=two_towers.max_log_logit_scale(config.model))
+  return step, state, mesh
+
+
+def _timed_steps(step, state, next_batch):
+  """A no-argument function running one step on next_batch(), synced."""
+  holder = {"state": state}
+
+  def one_step():
+    holder["state"], metrics = step(holder["state"], next_batch())
+    jax.block_until_ready(metrics)
+
+  return one_step
+
+
+def bench_train_step(config, windows: int, calls: int):
+  step, state, mesh = _make_step(config)
   rng = np.random.default_rng(0)
   size, length = config.model.image.image_size, config.model.text.context_length
   batch = sharding_lib.host_to_global({
@@ -61,13 +82,24 @@ def bench_train_step(config, windows: int, calls: int):
       "text": rng.integers(3, config.model.text.vocab_size,
                            (config.batch_size, length)).astype(np.int32)},
                                       mesh)
-  holder = {"state": state}
-
-  def one_step():
-    holder["state"], metrics = step(holder["state"], batch)
-    jax.block_until_ready(metrics)
-
+  one_step = _timed_steps(step, state, lambda: batch)
   one_step()  # Compile.
+  return _median_rate(one_step, config.batch_size, windows, calls)
+
+
+def bench_train_loop(config, windows: int, calls: int):
+  from clip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  step, state, mesh = _make_step(config)
+  iterator, _ = pipeline.make_train_iterator(
+      config.data, global_batch_size=config.batch_size, seed=0)
+
+  def next_batch():
+    local = next(iterator)
+    return sharding_lib.host_to_global(
+        {k: local[k] for k in ("image", "text")}, mesh)
+
+  one_step = _timed_steps(step, state, next_batch)
+  one_step()  # Compile, start the pipeline.
   return _median_rate(one_step, config.batch_size, windows, calls)
 
 
@@ -87,6 +119,7 @@ def main(argv):
   config = config_lib.load_config_file(path, arg or None)
   step_rate, step_all = bench_train_step(config, _WINDOWS.value, _STEPS.value)
   data_rate, data_all = bench_pipeline(config, _WINDOWS.value, _STEPS.value)
+  loop_rate, loop_all = bench_train_loop(config, _WINDOWS.value, _STEPS.value)
   result = {
       "config": _CONFIG.value, "devices": jax.device_count(),
       "batch_size": config.batch_size,
@@ -95,6 +128,9 @@ def main(argv):
       "pipeline_examples_per_sec": data_rate,
       "pipeline_windows": data_all,
       "pipeline_over_step": data_rate / step_rate,
+      "train_loop_examples_per_sec": loop_rate,
+      "train_loop_windows": loop_all,
+      "input_share_of_loop_time": 1 - loop_rate / step_rate,
       "worker_count": config.data.worker_count,
   }
   print(f"train step: {step_rate:8.1f} examples/s (median of "
@@ -102,6 +138,9 @@ def main(argv):
   print(f"pipeline:   {data_rate:8.1f} examples/s "
         f"(worker_count={config.data.worker_count})")
   print(f"pipeline / step = {data_rate / step_rate:.2f} (target >= 2)")
+  print(f"train loop: {loop_rate:8.1f} examples/s (step fed by the "
+        f"pipeline on the same cores: the input costs "
+        f"{100 * (1 - loop_rate / step_rate):.0f}% of the loop's time)")
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, "w") as f:
     json.dump(result, f, indent=2)
