@@ -349,9 +349,16 @@ def test_restored_state_gives_the_same_following_batches():
 
 
 def test_worker_processes_give_the_same_batches_and_restore():
-  config = _config()
+  # With augmentation: crops and style draws travel through the workers.
+  augment = dict(random_resized_crop=(0.5, 2.0), style_strength=0.4)
+  config = _config(**augment)
   in_process = _batches(config, 7)
-  workers = pipeline.make_dataset(_config(worker_count=2), split="train",
+  # The style is applied: the same crops without it give other pixels.
+  unstyled = _batches(_config(random_resized_crop=(0.5, 2.0)), 1)[0]
+  np.testing.assert_array_equal(unstyled["text"], in_process[0]["text"])
+  assert not np.allclose(unstyled["image"], in_process[0]["image"])
+  workers = pipeline.make_dataset(_config(worker_count=2, **augment),
+                                  split="train",
                                   batch_size_per_process=8, seed=0,
                                   tokenizer=None)
   with workers:

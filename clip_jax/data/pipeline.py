@@ -68,7 +68,7 @@ Data config keys (`config.data`, defaults in `default_data_config()`):
   flip              random horizontal flips in training (off: captions
                     say left/right, text in images would read backwards).
   style_strength    colour jitter / greyscale / blur in training
-                    (transforms.style_augment); 0 = off.
+                    (transforms.draw_style); 0 = off.
   outline_prob      probability of drawing a dark contour around the
                     silhouette in training (transforms.draw_outline:
                     line-art styles outline shapes); 0 = off.

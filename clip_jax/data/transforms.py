@@ -1,15 +1,19 @@
-"""Image transforms: decode, resize, random resized crop, flip, normalise.
+"""Image transforms: decode, resize, random resized crop (zoom in or out),
+flip, outline, colour/blur style, normalise.
 
 Pure functions of (image, numpy Generator). The pipeline gives every record
 its own Generator, derived by grain from the seed and the record's position
 in the stream, so a run is reproducible and a resumed run sees the same
-augmentations. `preprocess_image` returns uint8; `normalize` (applied to
-whole batches, in the main process) turns it into float32.
+augmentations. `augment_geometry` (per example) returns uint8; the style is
+drawn per example (`draw_style`) and applied to whole batches
+(`apply_style`), like `normalize`, which turns uint8 into float32.
+`preprocess_image` does all of it for one image.
 
 Geometry: without a crop (and always at evaluation) the shorter side is
 resized to `size` and the centre `size` x `size` square kept (square images
 are just resized). With `crop_scale=(lo, hi)` a random crop of lo..hi of the
-area, aspect 3/4..4/3 (Inception-style), is resized to `size` x `size`.
+area, aspect 3/4..4/3 (Inception-style), is resized to `size` x `size`;
+hi > 1 allows windows larger than the image (zoom out).
 Horizontal flips are off by default: captions may say 'left' or 'right', and
 text in images reads backwards.
 """
