@@ -92,7 +92,8 @@ def test_validate_model_errors():
 @pytest.mark.parametrize("path, arg", [
     ("configs/clip.py", None), ("configs/clip.py", "model=L/14,loss=sigmoid"),
     ("configs/siglip.py", None), ("configs/siglip.py", "chunked"),
-    ("configs/clip.py", "tiny"), ("configs/siglip.py", "tiny")])
+    ("configs/clip.py", "tiny"), ("configs/siglip.py", "tiny"),
+    ("configs/demo.py", None), ("configs/demo.py", "loss=sigmoid")])
 def test_shipped_configs_validate(path, arg):
   config = config_lib.load_config_file(path, arg)
   config_lib.validate(config, device_count=8)
