@@ -216,16 +216,44 @@ def test_batched_style_equals_per_image_preprocessing():
   assert len({b.tobytes() for b in batch}) == 12
 
 
+def _ring_reference(ink, width):
+  """Pixels with ink within the width x width square around them, but not
+  with ink all over their 3 x 3 neighbourhood (inside the image)."""
+  h, w = ink.shape
+  r = width // 2
+  ring = np.zeros_like(ink)
+  for y in range(h):
+    for x in range(w):
+      near = ink[max(0, y - r):y + r + 1, max(0, x - r):x + r + 1].any()
+      inside = ink[max(0, y - 1):y + 2, max(0, x - 1):x + 2].all()
+      ring[y, x] = near and not inside
+  return ring
+
+
+def _dark_border(out):
+  """The square's own border pixels are dark."""
+  return all(out[y, x].max() < 90 for y, x in ((10, 15), (21, 15), (15, 10)))
+
+
 def test_draw_outline_rings_the_silhouette():
   image = np.full((32, 32, 3), 255, np.uint8)
   image[10:22, 10:22] = (200, 30, 30)
-  for seed in range(5):
+  image[14:18, 14:18] = 255  # A hole: outlined from inside too.
+  image[0:3, 28:32] = (20, 200, 20)  # Ink at the image's edge.
+  ink = image.min(-1) < 245
+  widths = set()
+  for seed in range(12):
     out = np.asarray(transforms.draw_outline(Image.fromarray(image),
                                              np.random.default_rng(seed)))
-    dark = out.max(-1) < 90
-    assert dark[10, 15] and dark[21, 15] and dark[15, 10]  # The border.
-    np.testing.assert_array_equal(out[12:20, 12:20], image[12:20, 12:20])
-    np.testing.assert_array_equal(out[:7], image[:7])  # Far background.
+    changed = np.any(out != image, axis=-1)
+    widths.add(int(changed[5:27, 0:10].any(axis=0).sum()))  # Left of it.
+    shade = out[changed][0]
+    assert np.all(out[changed] == shade) and shade[0] < 80  # One dark grey.
+    # Equal to the ring of some width 1, 3 or 5.
+    assert any(np.array_equal(changed, _ring_reference(ink, w))
+               for w in (1, 3, 5))
+    assert _dark_border(out)
+  assert widths == {0, 1, 2}  # Widths 1, 3, 5 all drawn: 0-2 px outside.
 
 
 def test_decode_formats():
