@@ -99,17 +99,19 @@ def bench_train_loop(config, windows: int, calls: int):
         {k: local[k] for k in ("image", "text")}, mesh)
 
   one_step = _timed_steps(step, state, next_batch)
-  one_step()  # Compile, start the pipeline.
-  return _median_rate(one_step, config.batch_size, windows, calls)
+  with iterator:
+    one_step()  # Compile, start the pipeline.
+    return _median_rate(one_step, config.batch_size, windows, calls)
 
 
 def bench_pipeline(config, windows: int, calls: int):
   from clip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   iterator, _ = pipeline.make_train_iterator(
       config.data, global_batch_size=config.batch_size, seed=0)
-  next(iterator)  # Start workers, fill buffers.
-  return _median_rate(lambda: next(iterator), config.batch_size, windows,
-                      calls)
+  with iterator:  # Stops its prefetch thread before the next figure.
+    next(iterator)  # Start workers, fill buffers.
+    return _median_rate(lambda: next(iterator), config.batch_size, windows,
+                        calls)
 
 
 def main(argv):

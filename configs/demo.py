@@ -13,7 +13,7 @@ Choices (experiments/emoji_demo.md has the runs behind them):
   steps of 256 fit in ~12 minutes on 2 CPU cores. 12 px learns faster
   than 16 px, and coarse colour layout is what the two styles share.
 - Skin-tone variants are also captioned with their base's name
-  (emoji_base_caption), the name zero-shot classes use: half the OpenMoji
+  (class_name_caption), the name zero-shot classes use: half the OpenMoji
   images are skin-tone variants.
 - Strong augmentation, so that one renderer's look stops being a cue:
   crops from 0.35 of the area out to a 2x zoom-out (OpenMoji draws its
@@ -52,7 +52,7 @@ def get_config(arg=None):
                       width=96, depth=3, mlp_dim=384, heads=4)
   c.data.update(source="emoji", split="train", tokenizer="emoji",
                 image_size=12, context_length=16, vocab_size=1024,
-                emoji_base_caption=True, random_resized_crop=(0.35, 2.0),
+                class_name_caption=True, random_resized_crop=(0.35, 2.0),
                 style_strength=0.6, outline_prob=0.3,
                 caption_templates="emoji", worker_count=0)
   evals = dict(batch_size=512, every_steps=arg.eval_every)

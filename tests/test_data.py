@@ -497,6 +497,65 @@ def test_training_samples_among_captions(monkeypatch, tok):
   assert texts == {"a photo of a thing", "another caption"}
 
 
+def test_class_name_caption_names_skin_tone_variants_like_their_class(
+    tmp_path):
+  """With class_name_caption, training also samples the class name: for
+  an emoji skin-tone variant its base's name (from the catalogue), which
+  its own captions lack. Evaluation never does."""
+  cache = str(tmp_path)
+  # The first skin-tone variants of 'train' are its records 60-64.
+  root = sources.prepare_emoji(cache, limit=70, verbose=False)
+  source = sources.EmojiSource(root, "train")
+  name_of = {e.emoji: e.name for e in sources.emoji_catalogue()}
+  base_of = {e.emoji: e.base for e in sources.emoji_catalogue()}
+  seen = []
+
+  class Recorder:
+    def encode(self, texts, length, policy):
+      seen.extend(texts)
+      return np.zeros((len(texts), length), np.int32)
+
+  def sampled(i):
+    opts = pipeline.PreprocessOptions(image_size=8, context_length=4,
+                                      class_names=tuple(source.class_names))
+    prep = pipeline.Preprocess(opts, Recorder())
+    seen.clear()
+    for seed in range(30):
+      prep.random_map(source[i], np.random.default_rng(seed))
+    return set(seen)
+
+  variants = [i for i, r in enumerate(source.records)
+              if base_of[r["emoji"]] != r["emoji"]]
+  assert len(variants) >= 5
+  for i in variants:
+    base_name = name_of[base_of[source.records[i]["emoji"]]]
+    own = set(source[i]["captions"])
+    assert base_name not in own and "skin tone" in source[i]["captions"][0]
+    assert sampled(i) == own | {base_name}
+  base = next(i for i, r in enumerate(source.records)
+              if base_of[r["emoji"]] == r["emoji"])
+  assert sampled(base) == set(source[base]["captions"])
+  # Retrieval reads every caption of every image: with the option set, it
+  # still gets the dataset's own (several images sharing a base name would
+  # otherwise make text->image ambiguous).
+  from clip_jax.evals import run as eval_run  # pylint: disable=g-import-not-at-top
+  config = pipeline.default_data_config()
+  config.update(source="emoji", cache_dir=cache, emoji_limit=70,
+                image_size=8, class_name_caption=True)
+  eval_data = eval_run.make_batches_fn(config, batch_size=32)(
+      {"split": "train"}, captions=True)
+  got = [c for batch in eval_data for c, m in zip(batch["captions"],
+                                                   batch["mask"]) if m]
+  assert got == [source[i]["captions"] for i in range(len(source))]
+
+
+def test_class_name_caption_needs_class_names(monkeypatch, tok):
+  config = _list_config(monkeypatch, _records(4, set()),
+                        class_name_caption=True)
+  with pytest.raises(ValueError, match="has no class names"):
+    _batches(config, 1, tokenizer=tok, batch_size_per_process=4)
+
+
 def test_evaluation_pads_masks_and_shards(monkeypatch, tok):
   config = _list_config(monkeypatch, _records(11, {4}))
   shards = [_batches(config, tokenizer=tok, batch_size_per_process=4,

@@ -5,7 +5,6 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import tarfile
 
 import numpy as np
@@ -148,42 +147,6 @@ def test_prepare_emoji_once_into_the_cache(tmp_path, monkeypatch):
   # A second call reuses the cache without drawing anything.
   monkeypatch.setattr(sources, "render_emoji", None)
   assert sources.prepare_emoji(str(tmp_path), limit=5) == root
-
-
-@needs_noto
-def test_base_caption_names_skin_tone_variants_like_their_class(tmp_path):
-  """With emoji_base_caption a variant ('waving hand medium skin tone') is
-  also captioned with its base's name, the zero-shot class name; other
-  records and eval data keep their captions."""
-  # The first skin-tone variants of 'train' are its records 60-64.
-  root = sources.prepare_emoji(str(tmp_path), limit=70, verbose=False)
-  plain = sources.EmojiSource(root, "train")
-  based = sources.EmojiSource(root, "train", base_caption=True)
-  bases = {e.emoji: e.base for e in sources.emoji_catalogue()}
-  name_of = {e.emoji: e.name for e in sources.emoji_catalogue()}
-  variants = 0
-  for i, record in enumerate(plain.records):
-    before, after = plain[i]["captions"], based[i]["captions"]
-    base_name = name_of[bases[record["emoji"]]]
-    if bases[record["emoji"]] == record["emoji"]:
-      assert after == before
-    else:
-      variants += 1
-      assert "skin tone" in before[0] and base_name not in before
-      assert after == before + [base_name]
-    assert base_name == plain.class_names[record["label"]]
-  assert variants >= 5
-  assert pickle.loads(pickle.dumps(based))[60]["captions"] == (
-      based[60]["captions"])  # As sent to worker processes.
-  # Evals read the dataset's own captions even when training sets it.
-  from clip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from clip_jax.evals import run as eval_run  # pylint: disable=g-import-not-at-top
-  config = pipeline.default_data_config()
-  config.update(source="emoji", cache_dir=str(tmp_path), emoji_limit=70,
-                emoji_base_caption=True, image_size=8)
-  eval_data = eval_run.make_batches_fn(config)({"split": "train"},
-                                               captions=True)
-  assert not eval_data.source.base_caption
 
 
 def test_missing_noto_font_says_how_to_install(monkeypatch, tmp_path):

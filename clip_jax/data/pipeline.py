@@ -55,9 +55,6 @@ Data config keys (`config.data`, defaults in `default_data_config()`):
                     (None = $CLIP_JAX_CACHE or ~/.cache/clip_jax).
   emoji_limit       only the first N emoji of each split (tests).
   emoji_render_size side of the cached emoji renderings, px.
-  emoji_base_caption  a skin-tone variant also gets its base emoji's name
-                    as a caption (sources.EmojiSource); training only, evals
-                    read the dataset's own captions.
   synthetic_size    number of examples of source 'synthetic'.
   synthetic_seed    seed of the synthetic examples.
   image_size        side S of the square model input, px.
@@ -72,6 +69,11 @@ Data config keys (`config.data`, defaults in `default_data_config()`):
   outline_prob      probability of drawing a dark contour around the
                     silhouette in training (transforms.draw_outline:
                     line-art styles outline shapes); 0 = off.
+  class_name_caption  training also samples the example's class name
+                    (source.class_names[label]) as a caption; emoji: a
+                    skin-tone variant's base name ('waving hand' for 'waving
+                    hand medium-dark skin tone'), the name zero-shot classes
+                    use. Evaluation reads the dataset's own captions.
   caption_templates training captions become a random template of this
                     set (evals/templates.py name or list) filled with the
                     caption, so prompt ensembles at test time are in
@@ -132,11 +134,11 @@ def default_data_config() -> ml_collections.ConfigDict:
       "cache_dir": config_dict.placeholder(str),
       "emoji_limit": config_dict.placeholder(int),
       "emoji_render_size": sources.DEFAULT_RENDER_SIZE,
-      "emoji_base_caption": False,
       "synthetic_size": 4096, "synthetic_seed": 0,
       "image_size": 224,
       "random_resized_crop": config_dict.placeholder(tuple),
       "flip": False, "style_strength": 0.0, "outline_prob": 0.0,
+      "class_name_caption": False,
       "caption_templates": config_dict.placeholder(str),
       "mean": transforms.CLIP_MEAN, "std": transforms.CLIP_STD,
       "tokenizer": "emoji", "vocab_size": 49408, "context_length": 77,
@@ -177,6 +179,7 @@ class PreprocessOptions:
   flip: bool = False
   style_strength: float = 0.0
   outline_prob: float = 0.0
+  class_names: tuple | None = None  # Sampled as captions too (training).
   caption_templates: tuple | None = None
   train: bool = True
 
@@ -214,6 +217,9 @@ class Preprocess(grain.transforms.RandomMap):
         out["text"][:len(tokens)] = tokens
       else:
         captions = [c for c in record.get("captions") or [] if c.strip()]
+        if o.train and o.class_names and record.get("label", -1) >= 0:
+          name = o.class_names[record["label"]]
+          captions += [name] if name not in captions else []
         if not captions:
           raise ValueError("no caption")
         caption = (captions[int(rng.integers(len(captions)))]
@@ -567,12 +573,21 @@ def make_dataset(data_config, *, split: str, batch_size_per_process: int,
     raise ValueError(f"config.data.source={c.source!r} split {split!r} has "
                      "no examples.")
   crop = c.get("random_resized_crop")
+  class_names = None
+  if c.get("class_name_caption") and train:
+    class_names = getattr(source, "class_names", None)
+    if not class_names:
+      raise ValueError(
+          f"config.data.class_name_caption is set, but source "
+          f"{c.source!r} split {split!r} has no class names; unset it.")
+    class_names = tuple(class_names)
   options = PreprocessOptions(
       image_size=c.image_size, context_length=c.context_length,
       eos_policy=c.eos_policy, crop_scale=tuple(crop) if crop else None,
       flip=bool(c.get("flip")),
       style_strength=float(c.get("style_strength") or 0.0),
       outline_prob=float(c.get("outline_prob") or 0.0),
+      class_names=class_names,
       caption_templates=_caption_templates(c.get("caption_templates")),
       train=train)
   preprocess = Preprocess(options, tokenizer)

@@ -386,16 +386,11 @@ def prepare_emoji(cache_dir: str | None = None, *,
 class EmojiSource:
   """One prepared emoji split; images are memory-mapped on first use.
 
-  `base_caption`: a skin-tone variant also gets its base emoji's name as a
-  caption ('waving hand' for 'waving hand medium-dark skin tone', whose CLDR
-  name is 'waving hand: medium-dark skin tone'), so training pairs the
-  variant with the name zero-shot classes use. Meant for training splits:
-  in retrieval it would give several images the same caption.
-  Pickles as its folder, split and options (cheap to send to workers).
+  Pickles as its folder and split (cheap to send to worker processes).
   """
 
-  def __init__(self, root: str, split: str, base_caption: bool = False):
-    self.root, self.split, self.base_caption = root, split, base_caption
+  def __init__(self, root: str, split: str):
+    self.root, self.split = root, split
     with open(os.path.join(root, f"{split}.json"), encoding="utf-8") as f:
       meta = json.load(f)
     self.records = meta["records"]
@@ -404,11 +399,10 @@ class EmojiSource:
     self._images = None
 
   def __getstate__(self):
-    return {"root": self.root, "split": self.split,
-            "base_caption": self.base_caption}
+    return {"root": self.root, "split": self.split}
 
   def __setstate__(self, state):
-    self.__init__(**state)
+    self.__init__(state["root"], state["split"])
 
   @property
   def images(self) -> np.ndarray:
@@ -422,12 +416,9 @@ class EmojiSource:
 
   def __getitem__(self, index):
     record = self.records[index]
-    captions = list(record["captions"])
-    base_name = self.class_names[record["label"]]
-    if self.base_caption and base_name not in captions:
-      captions.append(base_name)
-    return {"image": np.array(self.images[index]), "captions": captions,
-            "label": record["label"], "id": record["id"]}
+    return {"image": np.array(self.images[index]),
+            "captions": list(record["captions"]), "label": record["label"],
+            "id": record["id"]}
 
 
 def emoji_source(data_config, split: str) -> EmojiSource:
@@ -436,8 +427,7 @@ def emoji_source(data_config, split: str) -> EmojiSource:
                        render_size=data_config.get("emoji_render_size") or
                        DEFAULT_RENDER_SIZE,
                        limit=data_config.get("emoji_limit"))
-  return EmojiSource(root, split,
-                     base_caption=bool(data_config.get("emoji_base_caption")))
+  return EmojiSource(root, split)
 
 
 # ----------------------------------------------------------------- tfds ----

@@ -92,7 +92,8 @@ def border_colour(img: Image.Image) -> tuple:
   w, h = img.size
   corners = [img.getpixel(xy) for xy in ((0, 0), (w - 1, 0), (0, h - 1),
                                          (w - 1, h - 1))]
-  return tuple((sorted(c)[1] + sorted(c)[2]) // 2 for c in zip(*corners))
+  middles = (sorted(channel)[1:3] for channel in zip(*corners))
+  return tuple((lo + hi) // 2 for lo, hi in middles)
 
 
 def pad_to_box(img: Image.Image, box):

@@ -252,9 +252,7 @@ def make_batches_fn(data_config, *, batch_size: int = 256,
   captions, through clip_jax.data.sources.get_source.
   """
   def make_batches(dataset, *, captions: bool = False):
-    # Training-caption policies do not carry over to eval data.
     cfg = ml_collections.ConfigDict({**_as_dict(data_config),
-                                     "emoji_base_caption": False,
                                      **_as_dict(dataset)})
     if cfg.get("source") == "image_folder":
       if not cfg.get("path"):
