@@ -13,6 +13,7 @@ are given as exactly one of `<name>_steps`, `<name>_examples` or
 from __future__ import annotations
 
 import ast
+import difflib
 import json
 import math
 import os
@@ -134,25 +135,262 @@ def mesh_shape(mesh_config, device_count: int) -> tuple[int, int]:
   return sizes[0], sizes[1]
 
 
-def validate(config, *, device_count: int, process_count: int = 1) -> None:
-  """Checks a config before anything is compiled; raises ValueError."""
-  # Imported here: losses/models import jax, config parsing should not need to.
-  from clip_jax import losses
-  from clip_jax.models import two_towers
+# --------------------------------------------------------- validation ----
+#
+# validate() runs every function of CHECKS, in order, before anything is
+# built or compiled. Each raises ValueError naming the key (config.a.b), its
+# value and what is allowed. To add a check, add a row to CHECKS; new
+# top-level or data keys are known once base_config() / default_data_config()
+# define them (the type is the default's).
 
-  if config.batch_size <= 0:
-    raise ValueError(f"config.batch_size={config.batch_size} must be > 0.")
-  if config.batch_size % device_count:
+# config.model (models/two_towers.py, vit.py, text.py document each key):
+# key -> allowed types (None: may be None).
+_TOWER_DIMS = {"width": (int, None), "depth": (int, None),
+               "mlp_dim": (int, None), "heads": (int, None)}
+MODEL_KEYS = {
+    "embed_dim": (int,), "logit_scale_init": (float,),
+    "logit_scale_max": (float, None), "logit_bias_init": (float, None),
+    "dtype": (str,), "activation": (str,), "remat": (bool,),
+    "scan": (bool,),
+    "image": {"variant": (str,), "image_size": (int,), "pool": (str,),
+              "ln_pre": (bool, None), "patch_size": (int, None), **_TOWER_DIMS},
+    "text": {"variant": (str,), "vocab_size": (int,),
+             "context_length": (int,), "pool": (str,), "causal": (bool,),
+             "eos_id": (int,), "pad_id": (int,), **_TOWER_DIMS},
+}
+# Keys whose default's type is narrower than what they accept.
+_WIDER_TYPES = {"data.caption_templates": (str, list, tuple, None),
+                "sharding_rules": (tuple, list)}
+
+
+def _did_you_mean(name, valid) -> str:
+  close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1)
+  return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _unknown_key(path: str, key: str, valid) -> ValueError:
+  return ValueError(
+      f"Unknown config key config.{path}{key}.{_did_you_mean(key, valid)} "
+      f"Valid keys of config.{path.rstrip('.') or '<top level>'}: "
+      f"{', '.join(sorted(valid))}.")
+
+
+def _not_one_of(key: str, value, valid) -> ValueError:
+  return ValueError(
+      f"config.{key}={value!r} is not one of {sorted(valid)}."
+      f"{_did_you_mean(value, valid)}")
+
+
+def _type_name(t) -> str:
+  return "None" if t is None else t.__name__
+
+
+def _type_ok(value, allowed) -> bool:
+  if value is None:
+    return None in allowed
+  for t in allowed:
+    if t is None:
+      continue
+    if t is float and isinstance(value, (int, float)) and not isinstance(
+        value, bool):
+      return True
+    if t is int and isinstance(value, bool):
+      continue  # True is an int to Python, not a count to us.
+    if t in (tuple, list) and isinstance(value, (tuple, list)):
+      return True  # JSON turns tuples into lists.
+    if isinstance(value, t):
+      return True
+  return False
+
+
+def _schema_of(reference) -> dict:
+  """{key: allowed types, or a nested schema} from a reference ConfigDict:
+  each default's type; a placeholder (default None) may stay None."""
+  schema = {}
+  for key in reference:
+    value = reference[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      schema[key] = _schema_of(value)
+    else:
+      t = reference.get_type(key)
+      schema[key] = (t,) if value is not None else (t, None)
+  return schema
+
+
+def _check_tree(tree, schema: dict, path: str = "") -> None:
+  """Unknown, missing and mistyped keys, recursively; an empty reference
+  dict (evals) is not checked here."""
+  for key, allowed in schema.items():
+    if key not in tree and (isinstance(allowed, dict) or None not in allowed):
+      raise ValueError(
+          f"config.{path}{key} is missing; start the config from "
+          "config.base_config() (and data from "
+          "pipeline.default_data_config()), which define every key.")
+  for key in tree:
+    if key not in schema:
+      raise _unknown_key(path, key, schema)
+    value, allowed = tree[key], schema[key]
+    allowed = _WIDER_TYPES.get(path + key, allowed)
+    if isinstance(allowed, dict):
+      if not hasattr(value, "keys"):
+        raise ValueError(f"config.{path}{key}={value!r}: expected a dict of "
+                         f"keys {sorted(allowed)}.")
+      if allowed:
+        _check_tree(value, allowed, f"{path}{key}.")
+    elif not _type_ok(value, allowed):
+      raise ValueError(
+          f"config.{path}{key}={value!r} is a {type(value).__name__}; "
+          f"expected {' or '.join(_type_name(t) for t in allowed)}.")
+
+
+def _config_schema() -> dict:
+  from clip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  schema = _schema_of(base_config())
+  schema["data"] = _schema_of(pipeline.default_data_config())
+  schema["model"] = MODEL_KEYS
+  schema["evals"] = {}  # Checked by _check_evals.
+  return schema
+
+
+def _check_keys_and_types(config, **_) -> None:
+  _check_tree(config, _config_schema())
+
+
+def _check_batch(config, *, device_count: int, process_count: int) -> None:
+  batch, accum = config.batch_size, config.get("accum_steps", 1)
+  if batch <= 0:
+    raise ValueError(f"config.batch_size={batch} must be > 0.")
+  if accum is None or accum < 1:
+    raise ValueError(f"config.accum_steps={accum!r} must be an integer >= 1.")
+  if batch % (device_count * accum):
     raise ValueError(
-        f"config.batch_size={config.batch_size} is not divisible by the "
-        f"{device_count} devices; use a multiple of {device_count}.")
-  if config.batch_size % process_count:
+        f"config.batch_size={batch} is not divisible by the {device_count} "
+        f"devices x config.accum_steps={accum} (= {device_count * accum}): "
+        "every accumulation step splits its micro-batch over all devices. "
+        f"Use a multiple of {device_count * accum}.")
+  if batch % process_count:
     raise ValueError(
-        f"config.batch_size={config.batch_size} is not divisible by the "
-        f"{process_count} processes.")
+        f"config.batch_size={batch} is not divisible by the "
+        f"{process_count} processes; use a multiple of {process_count}.")
+
+
+def _check_mesh(config, *, device_count: int, **_) -> None:
   mesh_shape(config.mesh, device_count)
-  losses.get_loss(config.loss)  # Raises with the list of valid names.
-  two_towers.validate_model_config(config.model)
+
+
+def _registered_names():
+  """(config key, its registry of valid names), for _check_names."""
+  # Imported here: they import jax; parsing a config should not.
+  from clip_jax import losses, optim  # pylint: disable=g-import-not-at-top
+  from clip_jax.data import sources, tokenizer  # pylint: disable=g-import-not-at-top
+  from clip_jax.models import common, text, vit  # pylint: disable=g-import-not-at-top
+  return (("loss", losses.LOSSES), ("schedule", optim.SCHEDULES),
+          ("model.dtype", common.DTYPES),
+          ("model.activation", common.ACTIVATIONS),
+          ("model.image.variant", vit.VARIANTS),
+          ("model.image.pool", vit.POOLS),
+          ("model.text.variant", text.VARIANTS),
+          ("model.text.pool", text.POOLS),
+          ("data.source", sources.SOURCES),
+          ("data.eos_policy", tokenizer.POLICIES))
+
+
+def _get(config, dotted: str, default=None):
+  for part in dotted.split("."):
+    if not hasattr(config, "get"):
+      return default
+    config = config.get(part, default)
+  return config
+
+
+def _check_names(config, **_) -> None:
+  for key, valid in _registered_names():
+    value = _get(config, key)
+    if value not in valid:
+      raise _not_one_of(key, value, valid)
+  templates = config.data.get("caption_templates")
+  if isinstance(templates, str):
+    from clip_jax.evals import templates as templates_lib  # pylint: disable=g-import-not-at-top
+    if templates not in templates_lib.TEMPLATES:
+      raise _not_one_of("data.caption_templates", templates,
+                        templates_lib.TEMPLATES)
+
+
+def _check_model(config, **_) -> None:
+  from clip_jax.models import two_towers, vit  # pylint: disable=g-import-not-at-top
+  image = config.model.image
+  patch = image.get("patch_size") or vit.VARIANTS[image.variant]["patch_size"]
+  if image.image_size <= 0 or image.image_size % patch:
+    fits = [k * patch for k in range(max(1, image.image_size // patch),
+                                     image.image_size // patch + 2)]
+    raise ValueError(
+        f"config.model.image.image_size={image.image_size} is not a positive "
+        f"multiple of the patch size {patch} (model.image.patch_size or "
+        f"variant {image.variant!r}); use e.g. "
+        f"{' or '.join(map(str, fits))}.")
+  two_towers.validate_model_config(config.model)  # Sizes, heads, scale cap.
+
+
+def _tokenizer_vocab(data):
+  """(what, vocab size) of the token ids the data holds, or None."""
+  if data.source == "synthetic":
+    return "config.data.vocab_size (synthetic token ids)", data.vocab_size
+  if data.tokenizer == "emoji":
+    return ("config.data.vocab_size (the tokenizer trained on the emoji "
+            "captions)", data.vocab_size)
+  if data.tokenizer and os.path.exists(data.tokenizer):
+    from clip_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+    size = tokenizer.load(data.tokenizer).vocab_size
+    return f"config.data.tokenizer={data.tokenizer!r} ({size} tokens)", size
+  return None
+
+
+def _check_data_matches_model(config, **_) -> None:
+  data, model = config.data, config.model
+  for data_key, model_key in (("image_size", "image.image_size"),
+                              ("context_length", "text.context_length")):
+    if data[data_key] != _get(model, model_key):
+      raise ValueError(
+          f"config.data.{data_key}={data[data_key]} differs from "
+          f"config.model.{model_key}={_get(model, model_key)}; set both to "
+          "the same value.")
+  vocab = _tokenizer_vocab(data)
+  if vocab is not None and vocab[1] > model.text.vocab_size:
+    raise ValueError(
+        f"{vocab[0]}: ids up to {vocab[1] - 1}, but "
+        f"config.model.text.vocab_size={model.text.vocab_size} rows; set "
+        f"config.model.text.vocab_size >= {vocab[1]} (usually equal).")
+
+
+def _check_data(config, **_) -> None:
+  data = config.data
+  needs = {"folder": "path", "tfds": "tfds_name"}.get(data.source)
+  if needs and not data.get(needs):
+    raise ValueError(f"config.data.source={data.source!r} needs "
+                     f"config.data.{needs}, which is {data.get(needs)!r}.")
+  for key in ("image_size", "context_length", "vocab_size"):
+    if data[key] <= 0:
+      raise ValueError(f"config.data.{key}={data[key]} must be > 0.")
+  for key in ("worker_count", "read_threads", "prefetch"):
+    if (data.get(key) or 0) < 0:
+      raise ValueError(f"config.data.{key}={data[key]} must be >= 0.")
+  fraction = data.max_skip_fraction
+  if not 0 <= fraction <= 1:
+    raise ValueError(f"config.data.max_skip_fraction={fraction} must be in "
+                     "[0, 1].")
+  crop = data.get("random_resized_crop")
+  if crop is not None and not (len(crop) == 2 and 0 < crop[0] <= crop[1]):
+    raise ValueError(
+        f"config.data.random_resized_crop={crop!r}: expected (min, max) "
+        "area fractions with 0 < min <= max, or None (no crop).")
+  for key in ("mean", "std"):
+    value = tuple(data[key])
+    if len(value) != 3 or (key == "std" and min(value) <= 0):
+      raise ValueError(f"config.data.{key}={value!r}: expected 3 numbers (R, "
+                       f"G, B){', all > 0' if key == 'std' else ''}.")
+
+
+def _check_optimizer(config, **_) -> None:
   if config.lr <= 0:
     raise ValueError(f"config.lr={config.lr} must be > 0.")
   steps("total", config, batch_size=config.batch_size, dataset_size=1)
@@ -161,6 +399,46 @@ def validate(config, *, device_count: int, process_count: int = 1) -> None:
       raise ValueError(
           f"config.sharding_rules entry {rule!r}: expected "
           "(regex, 'replicate' | 'fsdp').")
+
+
+def _check_evals(config, **_) -> None:
+  from clip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from clip_jax.evals import run as eval_run  # pylint: disable=g-import-not-at-top
+  eval_run.validate(config)  # Types, keys of each type, periods, templates.
+  data_keys = set(pipeline.default_data_config())
+  for name, eval_config in (config.get("evals") or {}).items():
+    for part in ("dataset", "train_split", "val_split", "test_split"):
+      overrides = eval_config.get(part)
+      if not hasattr(overrides, "keys"):
+        continue  # A split name, or no overrides.
+      for key in overrides:
+        if key not in data_keys:
+          raise _unknown_key(f"evals.{name}.{part}.", key, data_keys)
+
+
+# (what is checked, check(config, *, device_count, process_count)). The
+# README's table lists the same rows; add a row for a new check.
+CHECKS = (
+    ("unknown keys, wrong types", _check_keys_and_types),
+    ("registered names", _check_names),
+    ("batch vs devices, accumulation, processes", _check_batch),
+    ("mesh axis sizes", _check_mesh),
+    ("model sizes, patch size", _check_model),
+    ("data vs model: image size, context, vocabulary",
+     _check_data_matches_model),
+    ("data keys", _check_data),
+    ("optimiser, durations, sharding rules", _check_optimizer),
+    ("evals", _check_evals),
+)
+
+
+def validate(config, *, device_count: int, process_count: int = 1) -> None:
+  """Runs every check of CHECKS, before anything is built or compiled.
+
+  Raises ValueError naming the key, its value and what is allowed.
+  """
+  for _, check in CHECKS:
+    check(config, device_count=device_count, process_count=process_count)
 
 
 def save(config, workdir: str) -> str:

@@ -1,6 +1,7 @@
 """Config parsing, durations, mesh sizes and validation errors."""
 
 import ml_collections
+import numpy as np
 import pytest
 
 from clip_jax import config as config_lib
@@ -68,25 +69,184 @@ def _tiny_config():
   return config_lib.load_config_file("configs/clip.py", "tiny")
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("batch_size", 60, r"batch_size=60 is not divisible by the 8 devices"),
-    ("batch_size", 0, r"batch_size=0 must be > 0"),
-    ("loss", "softmx", r"softmx.*sigmoid"),
-    ("lr", -1.0, r"lr=-1.0 must be > 0"),
-    ("total_steps", None, r"Duration 'total' is not set"),
-])
-def test_validate_errors(key, value, message):
-  config = _tiny_config()
-  config[key] = value
-  with pytest.raises(ValueError, match=message):
-    config_lib.validate(config, device_count=8)
+def _set(config, dotted, value):
+  """A copy of `config` (as plain dicts, like a config read from JSON)
+  with config.<dotted> = value, or the key removed if value is _DELETE."""
+  tree = config.to_dict()
+  *parents, last = dotted.split(".")
+  node = tree
+  for part in parents:
+    node = node[part]
+  if value is _DELETE:
+    del node[last]
+  else:
+    node[last] = value
+  return ml_collections.ConfigDict(tree)
 
 
-def test_validate_model_errors():
-  config = _tiny_config()
-  config.model.image.variant = "B/33"
-  with pytest.raises(ValueError, match="B/33"):
+_DELETE = object()
+_EVAL = dict(type="zeroshot", split="openmoji")
+
+# (config.<key> = value, fragments the error must contain): the key, the
+# value and what is allowed. Every check of config.CHECKS has a row.
+_BAD_CONFIGS = [
+    # Unknown keys anywhere in the tree, with a suggestion.
+    ("lrr", 1.0, ["config.lrr", "Did you mean 'lr'", "total_steps"]),
+    ("data.image_sise", 32,
+     ["config.data.image_sise", "Did you mean 'image_size'"]),
+    ("model.embed_dims", 32,
+     ["config.model.embed_dims", "Did you mean 'embed_dim'"]),
+    ("model.image.patchsize", 4,
+     ["config.model.image.patchsize", "Did you mean 'patch_size'"]),
+    ("evals", {"z": {**_EVAL, "dataset": {"splt": "x"}}},
+     ["config.evals.z.dataset.splt", "Did you mean 'split'"]),
+    ("evals", {"z": {**_EVAL, "templtes": "emoji"}},
+     ["config.evals.z", "templtes", "templates"]),
+    # Wrong types.
+    ("model.embed_dim", "32", ["config.model.embed_dim='32'", "expected int"]),
+    ("batch_size", 64.0, ["config.batch_size=64.0", "expected int"]),
+    ("model.remat", 1, ["config.model.remat=1", "expected bool"]),
+    ("data.image_size", True, ["config.data.image_size=True", "int"]),
+    ("data.max_skip_fraction", "0.1",
+     ["config.data.max_skip_fraction='0.1'", "expected float"]),
+    ("model.image", "mu", ["config.model.image='mu'", "expected a dict"]),
+    ("data.image_size", _DELETE, ["config.data.image_size is missing"]),
+    # Impossible combinations.
+    ("batch_size", 60, ["config.batch_size=60", "8 devices",
+                        "multiple of 8"]),
+    ("model.image.image_size", 30,
+     ["config.model.image.image_size=30", "patch size 8", "24 or 32"]),
+    ("data.image_size", 64,
+     ["config.data.image_size=64", "config.model.image.image_size=32"]),
+    ("data.context_length", 16,
+     ["config.data.context_length=16", "config.model.text.context_length=8"]),
+    ("data.vocab_size", 100,
+     ["config.data.vocab_size", "99", "config.model.text.vocab_size=64",
+      ">= 100"]),
+    ("mesh.data", 3, ["config.mesh", "'data': 3", "8 devices"]),
+    # Unknown names.
+    ("loss", "softmx", ["config.loss='softmx'", "Did you mean 'softmax'",
+                        "'sigmoid'"]),
+    ("schedule", "cosin", ["config.schedule='cosin'", "'linear'"]),
+    ("model.image.variant", "B/33", ["config.model.image.variant='B/33'",
+                                     "'B/32'"]),
+    ("model.text.variant", "bse", ["config.model.text.variant='bse'",
+                                   "Did you mean 'base'"]),
+    ("model.image.pool", "mapp", ["config.model.image.pool='mapp'",
+                                  "'cls'"]),
+    ("model.text.pool", "eoss", ["config.model.text.pool='eoss'", "'mean'"]),
+    ("model.dtype", "float16", ["config.model.dtype='float16'",
+                                "'bfloat16'"]),
+    ("model.activation", "relu", ["config.model.activation='relu'",
+                                  "'quick_gelu'"]),
+    ("data.source", "imagenet", ["config.data.source='imagenet'", "'tfds'"]),
+    ("data.eos_policy", "sticky", ["config.data.eos_policy='sticky'",
+                                   "'last'"]),
+    ("data.caption_templates", "emojii",
+     ["config.data.caption_templates='emojii'", "Did you mean 'emoji'"]),
+    ("evals", {"z": {**_EVAL, "type": "zeroshoot"}},
+     ["config.evals.z.type='zeroshoot'", "'retrieval'"]),
+    ("evals", {"z": {**_EVAL, "templates": "imagenet81"}},
+     ["imagenet81", "valid names"]),
+    # Data keys.
+    ("data.source", "folder", ["config.data.source='folder'",
+                               "config.data.path", "None"]),
+    ("data.max_skip_fraction", 1.5, ["config.data.max_skip_fraction=1.5",
+                                     "[0, 1]"]),
+    ("data.random_resized_crop", (0.8, 0.5),
+     ["config.data.random_resized_crop=(0.8, 0.5)", "0 < min <= max"]),
+    ("data.std", (0.2, 0.0, 0.3), ["config.data.std=(0.2, 0.0, 0.3)",
+                                   "all > 0"]),
+    ("data.worker_count", -1, ["config.data.worker_count=-1", ">= 0"]),
+    # Optimiser and durations.
+    ("lr", -1.0, ["config.lr=-1.0", "must be > 0"]),
+    ("total_steps", None, ["Duration 'total' is not set",
+                           "config.total_steps"]),
+    ("batch_size", 0, ["config.batch_size=0", "must be > 0"]),
+]
+
+
+@pytest.mark.parametrize("key, value, fragments", _BAD_CONFIGS,
+                         ids=[f"{k}={v!r}"[:40] for k, v, _ in _BAD_CONFIGS])
+def test_validate_names_the_key_the_value_and_what_is_allowed(
+    key, value, fragments):
+  config = _set(_tiny_config(), key, value)
+  with pytest.raises(ValueError) as error:
     config_lib.validate(config, device_count=8)
+  for fragment in fragments:
+    assert fragment in str(error.value)
+
+
+def test_every_check_rejects_some_bad_config():
+  """Each row of config.CHECKS is the first to reject at least one bad
+  config above (so no check is dead or shadowed)."""
+  first = set()
+  for key, value, _ in _BAD_CONFIGS:
+    config = _set(_tiny_config(), key, value)
+    for name, check in config_lib.CHECKS:
+      try:
+        check(config, device_count=8, process_count=1)
+      except ValueError:
+        first.add(name)
+        break
+  assert first == {name for name, _ in config_lib.CHECKS}
+
+
+def test_batch_divisible_by_devices_times_accumulation(monkeypatch):
+  """accum_steps (read with a default of 1): each micro-batch is split over
+  all devices, so the batch must divide by devices x accum_steps."""
+  base = config_lib.base_config
+
+  def with_accum():
+    c = base()
+    c.accum_steps = c.get("accum_steps", 1)
+    return c
+
+  monkeypatch.setattr(config_lib, "base_config", with_accum)
+  config = _set(_tiny_config(), "accum_steps", 3)  # 64 % 24 != 0.
+  with pytest.raises(ValueError, match=r"batch_size=64 is not divisible by "
+                     r"the 8 devices x config.accum_steps=3 \(= 24\)"):
+    config_lib.validate(config, device_count=8)
+  config_lib.validate(_set(config, "accum_steps", 4), device_count=8)
+  with pytest.raises(ValueError, match=r"config.accum_steps=0 must be"):
+    config_lib.validate(_set(config, "accum_steps", 0), device_count=8)
+
+
+def test_batch_divisible_by_processes():
+  config = _set(_tiny_config(), "batch_size", 8 * 3 * 5)
+  config_lib.validate(config, device_count=8, process_count=3)
+  with pytest.raises(ValueError, match=r"batch_size=120 is not divisible "
+                     r"by the 7 processes"):
+    config_lib.validate(config, device_count=8, process_count=7)
+
+
+def test_tokenizer_file_larger_than_the_embedding_table(tmp_path):
+  from clip_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "tok.model")
+  rng = np.random.default_rng(0)
+  words = ["".join(rng.choice(list("abcdefghijklmnop"), 6)) for _ in range(400)]
+  size = tokenizer_lib.train(words, 100, output=path).vocab_size
+  assert size > 64
+  config = _set(_tiny_config(), "data.source", "folder")
+  config = _set(_set(config, "data.path", str(tmp_path)), "data.tokenizer",
+                path)
+  with pytest.raises(ValueError, match=rf"tok.model' \({size} tokens\).*"
+                     r"config.model.text.vocab_size=64"):
+    config_lib.validate(config, device_count=8)
+  config_lib.validate(_set(config, "model.text.vocab_size", size),
+                      device_count=8)
+
+
+def test_wider_valid_types_are_accepted():
+  """JSON turns tuples into lists, ints may stand for floats, template
+  lists stand for set names, placeholders may stay None."""
+  config = _tiny_config()
+  for key, value in (("lr", 1), ("data.mean", [0.5, 0.5, 0.5]),
+                     ("data.caption_templates", ["a {}", "the {}"]),
+                     ("model.logit_scale_max", None),
+                     ("sharding_rules", [[".*", "replicate"]])):
+    config = _set(config, key, value)
+  config_lib.validate(config, device_count=8)
 
 
 @pytest.mark.parametrize("path, arg", [
