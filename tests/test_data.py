@@ -556,37 +556,6 @@ def test_class_name_caption_needs_class_names(monkeypatch, tok):
     _batches(config, 1, tokenizer=tok, batch_size_per_process=4)
 
 
-def test_evaluation_pads_masks_and_shards(monkeypatch, tok):
-  config = _list_config(monkeypatch, _records(11, {4}))
-  shards = [_batches(config, tokenizer=tok, batch_size_per_process=4,
-                     train=False, shard_index=p, shard_count=2)
-            for p in range(2)]
-  assert [len(s) for s in shards] == [2, 2]  # 6 and 5 rows, padded to 8.
-  real = []
-  for shard in shards:
-    for b in shard:
-      assert b["mask"].dtype == np.float32 and b["image"].shape[0] == 4
-      keep = b["mask"] > 0
-      real += list(b["index"][keep])
-      assert (b["label"][keep] == b["index"][keep]).all()
-      assert (b["index"][b["index"] >= 0] < 11).all()
-  assert sorted(real) == [i for i in range(11) if i != 4]
-  assert sum(int(b["num_skipped"].sum()) for s in shards for b in s) == 1
-  # Unshuffled: process 0 has source rows 0..5 in order.
-  assert list(shards[0][0]["index"]) == [0, 1, 2, 3]
-
-
-def test_eval_batches_cover_a_split_once(monkeypatch, tmp_path):
-  config = _list_config(monkeypatch, _records(10, set()),
-                        cache_dir=str(tmp_path), vocab_size=100)
-  batches = list(pipeline.eval_batches(config, "test", 4))
-  assert len(batches) == 3
-  index = np.concatenate([b["index"] for b in batches])
-  mask = np.concatenate([b["mask"] for b in batches])
-  assert list(index[mask > 0]) == list(range(10))
-  assert {"image", "text", "label", "mask", "index"} <= set(batches[0])
-
-
 @pytest.mark.skipif(not os.path.exists(sources.NOTO_FONT),
                     reason="needs fonts-noto-color-emoji (make install)")
 def test_emoji_training_batches(tmp_path):

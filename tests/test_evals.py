@@ -3,6 +3,7 @@ worked out by hand, or computed by a brute-force NumPy reference."""
 
 import functools
 
+import closed_form  # tests/closed_form.py: toy towers
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from clip_jax import sharding as sharding_lib
-from clip_jax.evals import embed, retrieval, templates, testing, zeroshot
+from clip_jax.evals import embed, retrieval, templates, zeroshot
 from clip_jax.models import two_towers
 
 D = 8
@@ -335,19 +336,19 @@ def test_embedding_pads_the_last_batch_and_drops_the_padding():
 
 @pytest.mark.parametrize("batch_size", [1, 5, 16, 64])
 def test_every_example_is_embedded_once_in_order(batch_size):
-  model, mesh = testing.ClosedFormTowers(dim=8), _mesh()
+  model, mesh = closed_form.ClosedFormTowers(dim=8), _mesh()
   encode = embed.make_encode_fn(model, mesh, "image")
   classes = np.random.default_rng(batch_size).integers(0, 7, size=37)
-  images = np.stack([testing.solid_image(k) for k in classes]) / 255.0
-  images = ((images - testing.CLIP_MEAN_R) / testing.CLIP_STD_R).astype(
+  images = np.stack([closed_form.solid_image(k) for k in classes]) / 255.0
+  images = ((images - closed_form.CLIP_MEAN_R) / closed_form.CLIP_STD_R).astype(
       np.float32)
   got = embed.embed_arrays(encode, {}, mesh, images, batch_size=batch_size)
   np.testing.assert_array_equal(got, np.eye(8)[classes])
 
 
 def test_text_embedder_batches_and_pads():
-  model, mesh = testing.ClosedFormTowers(dim=8), _mesh()
-  tokenize = testing.tokenize_fn(NAMES)
+  model, mesh = closed_form.ClosedFormTowers(dim=8), _mesh()
+  tokenize = closed_form.tokenize_fn(NAMES)
   texts = [t.format(n) for t in templates.get_templates("short")
            for n in NAMES][:13]
   embed_texts = embed.text_embedder(

@@ -3,6 +3,7 @@ retrieval through the uniform signature, linear probe, eval periods."""
 
 import os
 
+import closed_form  # tests/closed_form.py: toy towers
 import ml_collections
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 
 from clip_jax import sharding as sharding_lib
 from clip_jax.data import transforms
-from clip_jax.evals import readers, run, testing
+from clip_jax.evals import readers, run
 
 # Class folders in sorted order -> labels 0..3 -> ClosedFormTowers e_0..e_3.
 FOLDERS = ["cat", "golden_retriever", "red_fox", "zebra"]
@@ -31,7 +32,7 @@ def _write_folder(root, confused=0, corrupt=True):
       k = 0 if (folder == "zebra" and i < confused) else label
       ext = [".png", ".jpg", ".JPEG"][i % 3]
       sub = "nested" if i == 1 else ""
-      img = Image.fromarray(testing.solid_image(k, size=12)[:, :10])
+      img = Image.fromarray(closed_form.solid_image(k, size=12)[:, :10])
       img.save(os.path.join(root, folder, sub, f"{i:02d}{ext}"),
                quality=95)
   with open(os.path.join(root, "cat", "notes.txt"), "w") as f:
@@ -93,8 +94,8 @@ def test_zeroshot_on_an_image_folder_with_side_by_side_templates(tmp_path):
   evals = {"folder": dict(type="zeroshot", templates=["none", "clip_imagenet"],
                           dataset=dict(source="image_folder", path=root),
                           topk=(1, 3, 4), per_class=True, batch_size=16)}
-  out = run.run_all(_config(evals), testing.ClosedFormTowers(), {}, _mesh(),
-                    tokenize=testing.tokenize_fn(CLASS_NAMES))
+  out = run.run_all(_config(evals), closed_form.ClosedFormTowers(), {}, _mesh(),
+                    tokenize=closed_form.tokenize_fn(CLASS_NAMES))
   # Two zebras embed as e_0 (cat): class 0 scores 1, classes 1-3 tie at 0,
   # so their label 3 ranks 4th (ties -> lower class index first).
   for prefix in ("none", "clip_imagenet"):
@@ -134,7 +135,7 @@ def test_zeroshot_class_names_from_tfds_metadata():
       seen.extend(texts)
       return np.stack([[int(t), 0] for t in texts]).astype(np.int32)
 
-    out = run.run_all(config, testing.ClosedFormTowers(dim=10), {}, _mesh(),
+    out = run.run_all(config, closed_form.ClosedFormTowers(dim=10), {}, _mesh(),
                       tokenize=tokenize)
   assert seen == [str(d) for d in range(10)]  # Names from the metadata.
   assert out["eval/mnist/num_images"] == 21
@@ -152,7 +153,7 @@ def test_retrieval_through_the_uniform_signature():
   # t2i: c0 -> images 0 and 4 tie, image 0 first (own) -> 1; c1, c2 -> 1;
   #   c3 -> 1; c4 -> image 0 first, own image 4 second -> 2.
   #   -> r@1 = 4/5, mean rank 6/5.
-  norm = lambda k: transforms.normalize(testing.solid_image(k))
+  norm = lambda k: transforms.normalize(closed_form.solid_image(k))
   batch = {
       "image": np.stack([norm(k) for k in (0, 1, 2, 3, 0, 0)]),
       "mask": np.array([1, 1, 1, 1, 1, 0], np.float32),
@@ -168,8 +169,8 @@ def test_retrieval_through_the_uniform_signature():
 
   out = run.EVALUATORS["retrieval"](
       {"type": "retrieval", "split": "val", "ks": (1, 2)},
-      model=testing.ClosedFormTowers(tilt=0.0), params={}, mesh=_mesh(),
-      tokenize=testing.tokenize_fn(["cat", "dog", "emu", "fox"]),
+      model=closed_form.ClosedFormTowers(tilt=0.0), params={}, mesh=_mesh(),
+      tokenize=closed_form.tokenize_fn(["cat", "dog", "emu", "fox"]),
       make_batches=make_batches)
   assert calls == [({"split": "val"}, True)]
   want = {"i2t/r@1": 3 / 4, "i2t/r@2": 1.0, "i2t/mean_rank": 5 / 4,
@@ -186,7 +187,7 @@ def test_linear_probe_on_image_folders(tmp_path):
       type="linear_probe", batch_size=16,
       train_split=dict(source="image_folder", path=train),
       test_split=dict(source="image_folder", path=test))}
-  out = run.run_all(_config(evals), testing.ClosedFormTowers(dim=12), {},
+  out = run.run_all(_config(evals), closed_form.ClosedFormTowers(dim=12), {},
                     _mesh())
   # Train features are one-hot per class: the probe learns the identity;
   # the two confused test zebras are predicted as cats.

@@ -32,12 +32,9 @@ Batches (dicts of numpy arrays, leading dim b):
   text         int32 [b, L], tokenised with the EOS policy;
   label        int32 [b], the source's class index, -1 if it has none;
   num_skipped  int32 [b]; its sum is the number of bad examples dropped
-               (training) or masked (evaluation) while making this batch;
-  mask, index  evaluation only: float32 1 for real rows (0 for padding and
-               bad examples), int32 position in the source (-1 padding).
-Training batches are full (the remainder of a finite stream is dropped);
-evaluation reads each example once, unshuffled, process p a contiguous
-share, every process the same number of batches, the last one padded.
+               while making this batch.
+Batches are full (the remainder of a finite stream is dropped). Evaluation
+reads its data with clip_jax/evals/readers.py, not through this pipeline.
 
 Data config keys (`config.data`, defaults in `default_data_config()`):
   source            sources.SOURCES name: 'emoji', 'tfds', 'folder',
@@ -181,18 +178,16 @@ class PreprocessOptions:
   outline_prob: float = 0.0
   class_names: tuple | None = None  # Sampled as captions too (training).
   caption_templates: tuple | None = None
-  train: bool = True
 
 
 class Preprocess(grain.transforms.RandomMap):
   """Raw record -> fixed-shape example; never raises on bad data.
 
-  Output: image uint8 [S, S, 3], text int32 [L], label, index (int32),
-  style float32 [5] (transforms.draw_style: this example's colour / blur
-  draw, applied to whole batches by the iterator; NO_STYLE if none), valid
-  (False for a bad record: zero arrays, `error` says why), pad (True for
-  evaluation padding), id (str). Training samples one caption at random;
-  evaluation takes the first and does no random crop, style or flip.
+  Output: image uint8 [S, S, 3], text int32 [L], label (int32), style
+  float32 [5] (transforms.draw_style: this example's colour / blur draw,
+  applied to whole batches by the iterator; NO_STYLE if none), valid (False
+  for a bad record: zero arrays, `error` says why), id (str). One caption
+  is sampled at random.
   """
 
   def __init__(self, options: PreprocessOptions, tokenizer):
@@ -203,13 +198,10 @@ class Preprocess(grain.transforms.RandomMap):
     out = {"image": np.zeros((o.image_size, o.image_size, 3), np.uint8),
            "text": np.zeros((o.context_length,), np.int32),
            "style": transforms.NO_STYLE,
-           "label": np.int32(record.get("label", -1)),
-           "index": np.int32(record.get("_index", -1)),
-           "valid": False, "pad": bool(record.get("_pad", False)),
+           "label": np.int32(-1), "valid": False,
            "id": str(record.get("id", "")), "error": ""}
-    if out["pad"]:
-      return out
     try:
+      out["label"] = np.int32(record.get("label", -1))
       if record.get("error"):
         raise ValueError(record["error"])
       if "tokens" in record:
@@ -217,23 +209,23 @@ class Preprocess(grain.transforms.RandomMap):
         out["text"][:len(tokens)] = tokens
       else:
         captions = [c for c in record.get("captions") or [] if c.strip()]
-        if o.train and o.class_names and record.get("label", -1) >= 0:
+        if o.class_names and record.get("label", -1) >= 0:
           name = o.class_names[record["label"]]
           captions += [name] if name not in captions else []
         if not captions:
           raise ValueError("no caption")
         caption = (captions[int(rng.integers(len(captions)))]
-                   if o.train and len(captions) > 1 else captions[0])
-        if o.train and o.caption_templates:
+                   if len(captions) > 1 else captions[0])
+        if o.caption_templates:
           template = o.caption_templates[
               int(rng.integers(len(o.caption_templates)))]
           caption = template.format(caption)
         out["text"] = self.tokenizer.encode([caption], o.context_length,
                                             o.eos_policy)[0]
       out["image"], scale = transforms.augment_geometry(
-          record.get("image"), o.image_size, rng if o.train else None,
+          record.get("image"), o.image_size, rng,
           crop_scale=o.crop_scale, flip=o.flip, outline_prob=o.outline_prob)
-      if o.train and o.style_strength > 0:  # Applied batch-wise, later.
+      if o.style_strength > 0:  # Applied batch-wise, later.
         out["style"] = transforms.draw_style(rng, o.style_strength, scale)
     except Exception as e:  # noqa: BLE001  pylint: disable=broad-except
       # Bad data (PIL raises OSError, ValueError, SyntaxError, ...) must not
@@ -268,64 +260,21 @@ class _TrainShard(grain.MapDataset):
     return f"_TrainShard({self._index}/{self._count}, block={self._block})"
 
 
-class _EvalShard(grain.MapDataset):
-  """Process `index` of `count`: a contiguous ceil(n / count) share of the
-  source, padded with {'_pad': True} to a multiple of `block`, so every
-  process has the same number of batches. Records gain '_index'."""
-
-  def __init__(self, parent, *, block: int, index: int, count: int):
-    super().__init__(parent)
-    per = math.ceil(len(parent) / count)
-    self._start = min(index * per, len(parent))
-    self._stop = min(self._start + per, len(parent))
-    self._length = math.ceil(per / block) * block
-
-  def __len__(self):
-    return self._length
-
-  def __getitem__(self, i):
-    if isinstance(i, slice):
-      return self.slice(i)
-    g = self._start + i
-    if g >= self._stop:
-      return {"_pad": True}
-    return {**self._parent[g], "_index": g}
-
-  def __str__(self):
-    return f"_EvalShard([{self._start}, {self._stop}))"
+_CHUNK_ARRAYS = ("image", "text", "label", "style")
+_CHUNK_LISTS = ("valid", "id", "error")
 
 
-class _Chunks(grain.MapDataset):
-  """Chunk j = examples [j*size, (j+1)*size) of the parent, stacked."""
-
-  def __init__(self, parent, size: int):
-    super().__init__(parent)
-    self._size, self._n = size, len(parent)
-    self._length = (self._n // size if self._n >= sys.maxsize else
-                    math.ceil(self._n / size))
-
-  def __len__(self):
-    return self._length
-
-  def __getitem__(self, j):
-    if isinstance(j, slice):
-      return self.slice(j)
-    rows = [self._parent[i] for i in range(
-        j * self._size, min((j + 1) * self._size, self._n))]
-    chunk = {k: np.stack([r[k] for r in rows])
-             for k in ("image", "text", "label", "index", "style")}
-    for k in ("valid", "pad", "id", "error"):
-      chunk[k] = [r[k] for r in rows]
-    return chunk
-
-  def __str__(self):
-    return f"_Chunks({self._size})"
+def _stack_chunk(rows):
+  """grain batch_fn: examples -> one chunk (arrays stacked, the rest in
+  lists: ids and errors are strings of any length)."""
+  chunk = {k: np.stack([r[k] for r in rows]) for k in _CHUNK_ARRAYS}
+  chunk.update({k: [r[k] for r in rows] for k in _CHUNK_LISTS})
+  return chunk
 
 
 def _unchunk(chunks, skip: int):
   """Examples (dicts) of an iterator of chunks, after the first `skip`."""
-  keys = ("image", "text", "label", "index", "style", "valid", "pad", "id",
-          "error")
+  keys = _CHUNK_ARRAYS + _CHUNK_LISTS
   for chunk in chunks:
     for r in range(skip, len(chunk["valid"])):
       yield {k: chunk[k][r] for k in keys}
@@ -352,10 +301,10 @@ class DataIterator:
   """
 
   def __init__(self, examples: grain.MapDataset, *, batch_size: int,
-               train: bool, worker_count: int, read_threads: int,
+               worker_count: int, read_threads: int,
                prefetch: int, max_skip_fraction: float, mean, std,
                fingerprint: dict):
-    self._examples, self.batch_size, self.train = examples, batch_size, train
+    self._examples, self.batch_size = examples, batch_size
     self._worker_count, self._read_threads = worker_count, read_threads
     self._prefetch = max(0, prefetch)
     self._max_skip_fraction = max_skip_fraction
@@ -388,7 +337,7 @@ class DataIterator:
     """
     if self._rows is None:
       consumed = self._counters["consumed"]
-      ds = _Chunks(self._examples, CHUNK)
+      ds = self._examples.batch(CHUNK, batch_fn=_stack_chunk)
       if consumed // CHUNK:
         ds = ds[consumed // CHUNK:]
       chunks_ahead = math.ceil(max(1, self._prefetch) * self.batch_size /
@@ -432,10 +381,6 @@ class DataIterator:
       except StopIteration:
         break
       c["consumed"] += 1
-      if row["pad"]:
-        rows.append(row)
-        skipped.append(0)
-        continue
       c["seen"] += 1
       if not row["valid"]:
         c["skipped"] += 1
@@ -443,31 +388,23 @@ class DataIterator:
           c["bad"].append([row["id"], row["error"]])
         if c["seen"] >= MIN_EXAMPLES_FOR_SKIP_CHECK and self._too_many_bad():
           raise self._skip_error()
-        if self.train:
-          pending += 1
-        else:
-          rows.append(row)
-          skipped.append(1)
+        pending += 1
         continue
       rows.append(row)
       skipped.append(pending)
       pending = 0
-    if len(rows) < self.batch_size and (self.train or not rows):
+    if len(rows) < self.batch_size:
       if c["skipped"] and c["skipped"] == c["seen"]:
         raise self._skip_error()  # Not a single usable example.
       raise StopIteration
     images = np.stack([r["image"] for r in rows])
-    if self.train:  # Each example's own style draw, applied batch-wise.
-      styles = np.stack([r["style"] for r in rows])
-      if np.any(styles != transforms.NO_STYLE):
-        images = transforms.apply_style(images, styles)
+    styles = np.stack([r["style"] for r in rows])  # Each example's own draw.
+    if np.any(styles != transforms.NO_STYLE):
+      images = transforms.apply_style(images, styles)
     batch = {"image": transforms.normalize(images, self._mean, self._std),
              "text": np.stack([r["text"] for r in rows]).astype(np.int32),
              "label": np.array([r["label"] for r in rows], np.int32),
              "num_skipped": np.array(skipped, np.int32)}
-    if not self.train:
-      batch["mask"] = np.array([r["valid"] for r in rows], np.float32)
-      batch["index"] = np.array([r["index"] for r in rows], np.int32)
     return batch
 
   def _produce(self, output: queue.Queue, stop: threading.Event):
@@ -552,14 +489,14 @@ class DataIterator:
 
 def make_dataset(data_config, *, split: str, batch_size_per_process: int,
                  seed: int, tokenizer, shard_index: int = 0,
-                 shard_count: int = 1, train: bool = True,
+                 shard_count: int = 1,
                  num_epochs: int | None = None) -> DataIterator:
   """This process's batches of `split` (see the module docstring).
 
   `tokenizer`: a tokenizer.Tokenizer (None for pre-tokenised sources);
   shard_index / shard_count: jax.process_index() / jax.process_count().
   Training: shuffled with `seed`, `num_epochs` passes (None = forever),
-  full batches. Evaluation (train=False): one unshuffled pass, padded.
+  full batches.
   """
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index={shard_index} is not in [0, "
@@ -574,7 +511,7 @@ def make_dataset(data_config, *, split: str, batch_size_per_process: int,
                      "no examples.")
   crop = c.get("random_resized_crop")
   class_names = None
-  if c.get("class_name_caption") and train:
+  if c.get("class_name_caption"):
     class_names = getattr(source, "class_names", None)
     if not class_names:
       raise ValueError(
@@ -588,29 +525,24 @@ def make_dataset(data_config, *, split: str, batch_size_per_process: int,
       style_strength=float(c.get("style_strength") or 0.0),
       outline_prob=float(c.get("outline_prob") or 0.0),
       class_names=class_names,
-      caption_templates=_caption_templates(c.get("caption_templates")),
-      train=train)
+      caption_templates=_caption_templates(c.get("caption_templates")))
   preprocess = Preprocess(options, tokenizer)
   seed = int(seed) % 2**32
   ds = grain.MapDataset.source(source).seed(seed)
-  if train:
-    ds = ds.shuffle().repeat(num_epochs).random_map(preprocess)
-    ds = _TrainShard(ds, block=batch_size_per_process, index=shard_index,
-                     count=shard_count)
-  else:
-    ds = _EvalShard(ds, block=batch_size_per_process, index=shard_index,
-                    count=shard_count).random_map(preprocess, seed=seed)
+  ds = ds.shuffle().repeat(num_epochs).random_map(preprocess)
+  ds = _TrainShard(ds, block=batch_size_per_process, index=shard_index,
+                   count=shard_count)
   if len(ds) == 0:  # pylint: disable=g-explicit-length-test
     raise ValueError(
         f"{num_epochs} epoch(s) of the {len(source)} examples of split "
         f"{split!r} make no full global batch of {shard_count} x "
         f"{batch_size_per_process}; use a smaller batch or more epochs.")
-  fingerprint = {"split": split, "seed": seed, "train": train,
+  fingerprint = {"split": split, "seed": seed, "train": True,
                  "batch_size": batch_size_per_process,
                  "shard": [shard_index, shard_count],
                  "num_examples": len(source)}
   iterator = DataIterator(
-      ds, batch_size=batch_size_per_process, train=train,
+      ds, batch_size=batch_size_per_process,
       worker_count=c.get("worker_count") or 0,
       read_threads=c.get("read_threads") or 0,
       prefetch=c.get("prefetch") or 1,
@@ -637,21 +569,5 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int,
       batch_size_per_process=global_batch_size // process_count, seed=seed,
       tokenizer=tokenizer or get_tokenizer(data_config),
       shard_index=process_index,
-      shard_count=process_count, train=True)
+      shard_count=process_count)
   return iterator, iterator.num_examples
-
-
-def eval_batches(data_config, split: str, batch_size: int):
-  """Every example of a split once, in order, in global batches.
-
-  Every process gets the same batches (in this process, no worker
-  processes). The last batch is padded to `batch_size`; 'mask' is 1 for
-  real rows (0 for padding and bad examples), 'index' the row's position in
-  the source (-1 for padding), 'label' -1 when the source has none.
-  """
-  config = ml_collections.ConfigDict(data_config.to_dict())
-  config.worker_count = 0
-  with make_dataset(config, split=split, batch_size_per_process=batch_size,
-                    seed=0, tokenizer=get_tokenizer(data_config),
-                    train=False) as iterator:
-    yield from iterator

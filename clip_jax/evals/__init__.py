@@ -10,7 +10,6 @@
   readers.py       eval batches from sources; class-per-folder images; TFDS
                    classification sets
   run.py           EVALUATORS registry, config.evals keys, run_all(), due()
-  testing.py       closed-form toy towers for tests
 
 The math modules take arrays (and an embed_texts callable); only run.py
 knows about configs, models and data sources.

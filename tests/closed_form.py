@@ -1,4 +1,4 @@
-"""Toy models whose embeddings are known in closed form (for tests).
+"""Toy models whose embeddings are known in closed form (test helpers).
 
 `ClosedFormTowers` follows the TwoTowers protocol (`model.apply({'params':
 params}, x, method='encode_image' | 'encode_text')`, no parameters):
