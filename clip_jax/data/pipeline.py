@@ -114,6 +114,7 @@ from clip_jax.data import sources, transforms
 from clip_jax.data import tokenizer as tokenizer_lib
 
 MIN_EXAMPLES_FOR_SKIP_CHECK = 100
+MAX_CAPTION_CHARS = 4096  # Longer captions are cut (clip_caption).
 CHUNK = 32  # Examples a worker prepares per message to the main process.
 _STATE_VERSION = 1
 
@@ -220,6 +221,7 @@ class Preprocess(grain.transforms.RandomMap):
           template = o.caption_templates[
               int(rng.integers(len(o.caption_templates)))]
           caption = template.format(caption)
+        caption = clip_caption(caption, o.context_length)
         out["text"] = self.tokenizer.encode([caption], o.context_length,
                                             o.eos_policy)[0]
       out["image"], scale = transforms.augment_geometry(
@@ -234,6 +236,44 @@ class Preprocess(grain.transforms.RandomMap):
       return out
     out["valid"] = True
     return out
+
+
+def clip_caption(caption: str, context_length: int) -> str:
+  """The caption cut before the first whitespace past
+  max(MAX_CAPTION_CHARS, 32 * context_length) characters.
+
+  A 10 MB caption takes seconds to tokenise, for L tokens that a few
+  hundred characters give: sentencepiece pieces are at most 16 characters
+  and do not cross whitespace, so the words kept tokenise as before. (A
+  single word longer than the limit is cut inside, where its first pieces
+  may in principle change.)
+  """
+  limit = max(MAX_CAPTION_CHARS, 32 * context_length)
+  if len(caption) <= limit:
+    return caption
+  cut = caption.rfind(" ", limit // 2, limit)
+  return caption[:cut if cut > 0 else limit]
+
+
+class _GuardedSource:
+  """A source whose failures are bad records (skipped and counted) rather
+  than a crash of the input pipeline; records must be dicts."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    try:
+      record = self.source[index]
+    except Exception as e:  # noqa: BLE001  pylint: disable=broad-except
+      return {"id": f"#{index}", "error": f"{type(e).__name__}: {e}"}
+    if not isinstance(record, dict):
+      return {"id": f"#{index}",
+              "error": f"the source returned a {type(record).__name__}"}
+    return record
 
 
 class _TrainShard(grain.MapDataset):
@@ -528,7 +568,7 @@ def make_dataset(data_config, *, split: str, batch_size_per_process: int,
       caption_templates=_caption_templates(c.get("caption_templates")))
   preprocess = Preprocess(options, tokenizer)
   seed = int(seed) % 2**32
-  ds = grain.MapDataset.source(source).seed(seed)
+  ds = grain.MapDataset.source(_GuardedSource(source)).seed(seed)
   ds = ds.shuffle().repeat(num_epochs).random_map(preprocess)
   ds = _TrainShard(ds, block=batch_size_per_process, index=shard_index,
                    count=shard_count)

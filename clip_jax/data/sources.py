@@ -533,49 +533,138 @@ class FileListSource:
     return {**record, "captions": list(record["captions"])}
 
 
+def _bad_record(record_id: str, error: str) -> dict:
+  """A record the source could not read: skipped and counted downstream."""
+  return {"image": None, "captions": [], "id": record_id, "error": error}
+
+
+def _utf8(data: bytes, what: str) -> str:
+  """Decoded text; a ValueError naming `what` and the offset if not UTF-8."""
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{what} is not UTF-8 (byte {data[e.start]:#x} at "
+                     f"offset {e.start})") from None
+
+
+def _read_folder(path: str) -> list[dict]:
+  """x.png (any of _IMAGE_EXTENSIONS) + x.txt, one caption a line."""
+  records = []
+  for image in sorted(glob.glob(os.path.join(path, "**", "*"),
+                                recursive=True)):
+    stem, ext = os.path.splitext(image)
+    if ext.lower() not in _IMAGE_EXTENSIONS or not os.path.isfile(image):
+      continue
+    record_id = os.path.relpath(image, path)
+    captions = []
+    if os.path.exists(stem + ".txt"):
+      try:
+        with open(stem + ".txt", "rb") as f:
+          text = _utf8(f.read(), f"caption file {stem}.txt")
+      except (OSError, ValueError) as e:
+        records.append(_bad_record(record_id, str(e)))
+        continue
+      captions = [line.strip() for line in text.splitlines() if line.strip()]
+    records.append({"image": image, "captions": captions, "id": record_id})
+  return records
+
+
+def _has_bad_bytes(text: str) -> bool:
+  """Text read with errors='surrogateescape' held bytes that are not UTF-8."""
+  return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _read_csv(path: str, resolve) -> list[dict]:
+  """Columns image,caption (others ignored); a malformed row is a bad
+  record, not an error: missing or extra fields, no image, bytes that are
+  not UTF-8, NUL bytes."""
+  name = os.path.basename(path)
+  records = []
+  # surrogateescape: a row with bytes that are not UTF-8 is one bad record
+  # instead of a failure of the whole file.
+  with open(path, newline="", encoding="utf-8",
+            errors="surrogateescape") as f:
+    reader = csv.DictReader(f)
+    fields = reader.fieldnames or ()
+    if not {"image", "caption"} <= set(fields):
+      raise ValueError(f"{path}: expected CSV columns 'image,caption', "
+                       f"found {reader.fieldnames}.")
+    while True:
+      try:
+        row = next(reader)
+      except StopIteration:
+        break
+      except csv.Error as e:  # e.g. a NUL byte: this row only.
+        records.append(_bad_record(f"{name}:{reader.line_num}", str(e)))
+        continue
+      records.append(_csv_record(row, f"{name}:{reader.line_num}", resolve,
+                                 len(fields)))
+  return records
+
+
+def _csv_record(row: dict, where: str, resolve, num_fields: int) -> dict:
+  image, caption = row.get("image"), row.get("caption")
+  if None in row:  # DictReader's key for fields beyond the header.
+    return _bad_record(where, f"{num_fields + len(row[None])} fields, "
+                       f"the header has {num_fields} (quote captions with "
+                       "commas)")
+  if image is None or caption is None:
+    return _bad_record(where, f"fewer fields than the header's {num_fields}")
+  if _has_bad_bytes(image) or _has_bad_bytes(caption):
+    return _bad_record(where, "bytes that are not UTF-8")
+  if not image:
+    return _bad_record(where, "no image path")
+  return {"image": resolve(image), "captions": [caption] if caption else [],
+          "id": f"{where}:{image}"}
+
+
+def _read_jsonl(path: str, resolve) -> list[dict]:
+  """One JSON object a line: {"image": path, "caption": str | "captions":
+  [str, ...]}; a malformed line is a bad record (blank lines are none)."""
+  name = os.path.basename(path)
+  records = []
+  with open(path, "rb") as f:
+    for n, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        records.append(_jsonl_record(line, f"{name}:{n}", resolve))
+      except ValueError as e:
+        records.append(_bad_record(f"{name}:{n}", str(e)))
+  return records
+
+
+def _jsonl_record(line: bytes, where: str, resolve) -> dict:
+  try:
+    r = json.loads(_utf8(line, "the line"))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"not JSON ({e})") from None
+  if not isinstance(r, dict):
+    raise ValueError(f"a JSON {type(r).__name__}, expected an object")
+  image = r.get("image")
+  if not isinstance(image, str) or not image:
+    raise ValueError(f"'image' is {image!r}, expected a path")
+  captions = r.get("captions", r.get("caption", []))
+  captions = [captions] if isinstance(captions, str) else captions
+  if not isinstance(captions, list) or not all(
+      isinstance(c, str) for c in captions):
+    raise ValueError(f"captions {captions!r}: expected a string or a list "
+                     "of strings")
+  return {"image": resolve(image), "captions": captions,
+          "id": f"{where}:{image}"}
+
+
 def _read_file_list(path: str) -> list[dict]:
   if os.path.isdir(path):
-    records = []
-    for image in sorted(glob.glob(os.path.join(path, "**", "*"),
-                                  recursive=True)):
-      stem, ext = os.path.splitext(image)
-      if ext.lower() not in _IMAGE_EXTENSIONS:
-        continue
-      captions = []
-      if os.path.exists(stem + ".txt"):
-        with open(stem + ".txt", encoding="utf-8") as f:
-          captions = [line.strip() for line in f if line.strip()]
-      records.append({"image": image, "captions": captions,
-                      "id": os.path.relpath(image, path)})
-    return records
+    return _read_folder(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"config.data.path={path!r} does not exist.")
   base = os.path.dirname(os.path.abspath(path))
   resolve = lambda p: p if os.path.isabs(p) else os.path.join(base, p)
   if path.endswith(".csv"):
-    with open(path, newline="", encoding="utf-8") as f:
-      reader = csv.DictReader(f)
-      if not {"image", "caption"} <= set(reader.fieldnames or ()):
-        raise ValueError(f"{path}: expected CSV columns 'image,caption', "
-                         f"found {reader.fieldnames}.")
-      return [{"image": resolve(r["image"]),
-               "captions": [r["caption"]] if r["caption"] else [],
-               "id": f"{os.path.basename(path)}:{n + 2}:{r['image']}"}
-              for n, r in enumerate(reader)]
+    return _read_csv(path, resolve)
   if path.endswith(".jsonl"):
-    records = []
-    with open(path, encoding="utf-8") as f:
-      for n, line in enumerate(f):
-        if not line.strip():
-          continue
-        r = json.loads(line)
-        captions = r.get("captions", r.get("caption", []))
-        captions = [captions] if isinstance(captions, str) else captions
-        records.append({"image": resolve(r["image"]),
-                        "captions": list(captions),
-                        "id": f"{os.path.basename(path)}:{n + 1}:"
-                              f"{r['image']}"})
-    return records
+    return _read_jsonl(path, resolve)
   raise ValueError(f"config.data.path={path!r}: expected a folder, a .csv "
                    "or a .jsonl file.")
 
@@ -588,12 +677,58 @@ def folder_source(data_config, split: str) -> FileListSource:
   return FileListSource(data_config.path)
 
 
-def convert_wds(patterns, output: str, *, verbose: bool = True) -> str:
+@dataclasses.dataclass
+class WdsConversion:
+  """What convert_wds wrote: the JSONL path, the samples written, and the
+  samples (or shards) left out, by reason: {reason: [shard/key, ...]}."""
+  path: str
+  written: int = 0
+  skipped: dict = dataclasses.field(default_factory=dict)
+
+  def skip(self, reason: str, what: str) -> None:
+    self.skipped.setdefault(reason, []).append(what)
+
+
+def _safe_key(name: str) -> bool:
+  """A member path that stays inside the output folder once joined."""
+  parts = name.replace("\\", "/").split("/")
+  return bool(name) and not os.path.isabs(name) and ".." not in parts
+
+
+def _read_shard(shard: str, result: WdsConversion) -> dict:
+  """{key: {ext: bytes}} of a tar shard; of a shard that is not a tar or
+  is truncated, the members read before the damage, and a report."""
+  samples, stem = {}, os.path.splitext(os.path.basename(shard))[0]
+  try:
+    with tarfile.open(shard) as tar:
+      for member in tar:
+        if not member.isfile():
+          continue
+        folder, filename = os.path.split(member.name)
+        key, _, ext = filename.partition(".")
+        key = os.path.join(folder, key)
+        if not _safe_key(key):
+          result.skip("unsafe member path", f"{stem}/{member.name}")
+          continue
+        ext = ext.lower()
+        if ext == "txt" or "." + ext in _IMAGE_EXTENSIONS:
+          samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+  except (tarfile.TarError, EOFError, OSError) as e:
+    # Only whole members were kept: a sample the damage cut short lacks a
+    # member and is reported as such by _wds_line.
+    result.skip(f"damaged shard ({type(e).__name__}: {e})", shard)
+  return samples
+
+
+def convert_wds(patterns, output: str, *,
+                verbose: bool = True) -> WdsConversion:
   """WebDataset tar shards -> `output`/images/... + `output`/data.jsonl.
 
   Samples are grouped by key (the member path up to the first dot of its
   file name); a sample's image is its .jpg/.jpeg/.png/.webp member and its
-  captions the lines of its .txt member. Returns the JSONL path.
+  captions the lines of its .txt member. Samples without an image or a
+  .txt, with a caption that is not UTF-8 or a member path leaving the
+  output folder are left out and reported, as are damaged shards.
   """
   if isinstance(patterns, str):
     patterns = [patterns]
@@ -601,48 +736,46 @@ def convert_wds(patterns, output: str, *, verbose: bool = True) -> str:
   if not shards:
     raise FileNotFoundError(f"No tar shards match {patterns}.")
   os.makedirs(os.path.join(output, "images"), exist_ok=True)
-  index_path = os.path.join(output, "data.jsonl")
-  written = missing = 0
-  with open(index_path + ".tmp", "w", encoding="utf-8") as index:
+  result = WdsConversion(os.path.join(output, "data.jsonl"))
+  with open(result.path + ".tmp", "w", encoding="utf-8") as index:
     for shard in shards:
       stem = os.path.splitext(os.path.basename(shard))[0]
-      samples = {}
-      with tarfile.open(shard) as tar:
-        for member in tar:
-          if not member.isfile():
-            continue
-          folder, filename = os.path.split(member.name)
-          key, _, ext = filename.partition(".")
-          sample = samples.setdefault(os.path.join(folder, key), {})
-          ext = ext.lower()
-          if ext == "txt" or "." + ext in _IMAGE_EXTENSIONS:
-            sample[ext] = tar.extractfile(member).read()
-      for key, sample in samples.items():
-        image_ext = next((e for e in ("jpg", "jpeg", "png", "webp")
-                          if e in sample), None)
-        if image_ext is None or "txt" not in sample:
-          missing += 1
-          continue
-        relative = os.path.join("images", stem, f"{key}.{image_ext}")
-        os.makedirs(os.path.dirname(os.path.join(output, relative)),
-                    exist_ok=True)
-        with open(os.path.join(output, relative), "wb") as f:
-          f.write(sample[image_ext])
-        captions = [c.strip() for c in
-                    sample["txt"].decode("utf-8", "replace").splitlines()
-                    if c.strip()]
-        index.write(json.dumps({"image": relative, "captions": captions,
-                                "key": f"{stem}/{key}"},
-                               ensure_ascii=False) + "\n")
-        written += 1
+      for key, sample in _read_shard(shard, result).items():
+        line = _wds_line(stem, key, sample, output, result)
+        if line is not None:
+          index.write(line + "\n")
+          result.written += 1
       if verbose:
-        _progress(f"converting {len(shards)} shards: {written} samples")
-  os.replace(index_path + ".tmp", index_path)
+        _progress(f"converting {len(shards)} shards: {result.written} "
+                  "samples")
+  os.replace(result.path + ".tmp", result.path)
   if verbose:
-    _progress(f"wrote {written} samples to {index_path} ({missing} without "
-              "an image or a .txt skipped); use config.data.source='folder',"
-              f" config.data.path='{index_path}'", end="\n")
-  return index_path
+    skipped = "; ".join(f"{len(v)} {k}" for k, v in result.skipped.items())
+    _progress(f"wrote {result.written} samples to {result.path} (left out: "
+              f"{skipped or 'none'}); use config.data.source='folder', "
+              f"config.data.path='{result.path}'", end="\n")
+  return result
+
+
+def _wds_line(stem, key, sample, output, result) -> str | None:
+  """The JSONL line of one sample (its image written), or None."""
+  image_ext = next((e for e in ("jpg", "jpeg", "png", "webp")
+                    if e in sample), None)
+  if image_ext is None or "txt" not in sample:
+    result.skip("no image or no .txt", f"{stem}/{key}")
+    return None
+  try:
+    text = _utf8(sample["txt"], "the caption")
+  except ValueError:
+    result.skip("caption not UTF-8", f"{stem}/{key}")
+    return None
+  relative = os.path.join("images", stem, f"{key}.{image_ext}")
+  os.makedirs(os.path.dirname(os.path.join(output, relative)), exist_ok=True)
+  with open(os.path.join(output, relative), "wb") as f:
+    f.write(sample[image_ext])
+  captions = [c.strip() for c in text.splitlines() if c.strip()]
+  return json.dumps({"image": relative, "captions": captions,
+                     "key": f"{stem}/{key}"}, ensure_ascii=False)
 
 
 # ------------------------------------------------------------ synthetic ----

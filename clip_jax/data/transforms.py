@@ -29,10 +29,50 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+# Larger images are decoded at a reduced scale (JPEG: 1/2, 1/4 or 1/8 of
+# the side, chosen by PIL's draft mode without decoding the full size) or,
+# when that is impossible, rejected: a 10,000 x 10,000 PNG would take
+# 300 MB and seconds to decode, per worker.
+MAX_DECODE_PIXELS = 2**25  # 33.5 M, e.g. 5,792 x 5,792.
+DRAFT_PIXELS = 2**23  # 8.4 M, e.g. 2,896 x 2,896.
+
+
+def _open_bounded(data) -> Image.Image:
+  """PIL image of encoded bytes / a path / a file, loaded with at most
+  MAX_DECODE_PIXELS pixels (raises ValueError if it cannot be)."""
+  img = Image.open(data)  # Reads the header only.
+  w, h = img.size
+  if w == 0 or h == 0:
+    raise ValueError(f"The image is {w}x{h} px.")
+  if w * h > MAX_DECODE_PIXELS:
+    # The smallest reduction to at most DRAFT_PIXELS (plenty for a crop).
+    scale = next((s for s in (2, 4, 8)
+                  if (w // s) * (h // s) <= DRAFT_PIXELS), 8)
+    if img.format == "JPEG":
+      img.draft(img.mode, (-(-w // scale), -(-h // scale)))
+    if img.size[0] * img.size[1] > MAX_DECODE_PIXELS:
+      raise ValueError(
+          f"The {img.format} image is {w}x{h} px, more than "
+          f"transforms.MAX_DECODE_PIXELS={MAX_DECODE_PIXELS} and not a JPEG "
+          "that decodes at a reduced scale; resize it offline.")
+  img.load()
+  return img
+
+
+def _sixteen_bit_to_8(img: Image.Image) -> Image.Image:
+  """16-bit greyscale (PIL modes I;16*, and I from 16-bit PNGs) -> L, by
+  the top 8 bits of the 0..65535 range (PIL's own convert would clip
+  everything above 255 to white)."""
+  pixels = np.asarray(img).astype(np.int64)
+  return Image.fromarray((np.clip(pixels, 0, 65535) >> 8).astype(np.uint8))
+
+
 def decode(image) -> Image.Image:
   """uint8 array, encoded bytes or a path -> RGB PIL image (raises on bad).
 
-  Transparent pixels (RGBA, LA, palette transparency) become white.
+  Transparent pixels (RGBA, LA, palette transparency) become white; CMYK
+  and greyscale (8 or 16 bit) become RGB. Images of more than
+  MAX_DECODE_PIXELS are decoded at a reduced scale (JPEG) or rejected.
   """
   if isinstance(image, np.ndarray):
     if image.dtype != np.uint8 or image.ndim not in (2, 3):
@@ -40,16 +80,21 @@ def decode(image) -> Image.Image:
                        f"{image.dtype} {image.shape}.")
     if image.ndim == 3 and image.shape[-1] == 1:
       image = image[..., 0]
+    if image.ndim == 3 and image.shape[-1] not in (3, 4):
+      raise ValueError(f"Expected 1, 3 or 4 channels, got {image.shape}.")
+    if 0 in image.shape[:2]:
+      raise ValueError(f"The image is {image.shape[1]}x{image.shape[0]} px.")
     img = Image.fromarray(image)
   else:
     if image is None:
       raise ValueError("The source returned no image.")
     if isinstance(image, (bytes, bytearray, memoryview)):
       image = io.BytesIO(image)
-    img = Image.open(image)
-    img.load()
+    img = _open_bounded(image)
   if img.mode == "RGB":
     return img
+  if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+    img = _sixteen_bit_to_8(img)
   if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
     img = img.convert("RGBA")
     background = Image.new("RGBA", img.size, (255, 255, 255, 255))
