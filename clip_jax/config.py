@@ -257,17 +257,13 @@ def _check_keys_and_types(config, **_) -> None:
 
 
 def _check_batch(config, *, device_count: int, process_count: int) -> None:
-  batch, accum = config.batch_size, config.get("accum_steps", 1)
+  batch = config.batch_size
   if batch <= 0:
     raise ValueError(f"config.batch_size={batch} must be > 0.")
-  if accum is None or accum < 1:
-    raise ValueError(f"config.accum_steps={accum!r} must be an integer >= 1.")
-  if batch % (device_count * accum):
+  if batch % device_count:
     raise ValueError(
         f"config.batch_size={batch} is not divisible by the {device_count} "
-        f"devices x config.accum_steps={accum} (= {device_count * accum}): "
-        "every accumulation step splits its micro-batch over all devices. "
-        f"Use a multiple of {device_count * accum}.")
+        f"devices; use a multiple of {device_count}.")
   if batch % process_count:
     raise ValueError(
         f"config.batch_size={batch} is not divisible by the "
@@ -401,6 +397,28 @@ def _check_optimizer(config, **_) -> None:
           "(regex, 'replicate' | 'fsdp').")
 
 
+def _check_accumulation(config, *, device_count: int, **_) -> None:
+  accum, mode = config.get("accum_steps", 1), config.get("accum_mode", "exact")
+  if mode not in ("exact", "naive"):
+    raise ValueError(
+        f"config.accum_mode={mode!r} is not one of ('exact', 'naive').")
+  if not isinstance(accum, int) or accum < 1:
+    raise ValueError(f"config.accum_steps={accum!r} must be an integer >= 1.")
+  per_device = config.batch_size // device_count
+  if per_device % accum:
+    raise ValueError(
+        f"config.accum_steps={accum} does not divide the per-device batch "
+        f"{per_device} (batch_size {config.batch_size} / {device_count} "
+        "devices): each micro-batch takes per_device / accum_steps rows of "
+        "every device. Choose accum_steps among the divisors of "
+        f"{per_device}, or a batch_size that is a multiple of "
+        f"{device_count * accum}.")
+  limit = config.get("max_consecutive_nonfinite", 1)
+  if not isinstance(limit, int) or limit < 1:
+    raise ValueError(
+        f"config.max_consecutive_nonfinite={limit!r} must be an integer >= 1.")
+
+
 def _check_evals(config, **_) -> None:
   from clip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from clip_jax.evals import run as eval_run  # pylint: disable=g-import-not-at-top
@@ -421,7 +439,8 @@ def _check_evals(config, **_) -> None:
 CHECKS = (
     ("unknown keys, wrong types", _check_keys_and_types),
     ("registered names", _check_names),
-    ("batch vs devices, accumulation, processes", _check_batch),
+    ("batch vs devices and processes", _check_batch),
+    ("accumulation steps and mode, non-finite limit", _check_accumulation),
     ("mesh axis sizes", _check_mesh),
     ("model sizes, patch size", _check_model),
     ("data vs model: image size, context, vocabulary",
@@ -479,6 +498,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3        # Older checkpoints are deleted.
 
   c.loss = "softmax"            # Key of losses.LOSSES.
+  # Gradient accumulation (see clip_jax/train_state.py): each step runs the
+  # global batch as accum_steps micro-batches, each spread over all devices.
+  # 'exact': the full-batch contrastive gradient (GradCache); 'naive': each
+  # micro-batch's own loss, gradients averaged (an ablation baseline).
+  c.accum_steps = 1
+  c.accum_mode = "exact"
+  # Stop the run after this many consecutive non-finite (skipped) steps.
+  c.max_consecutive_nonfinite = 10
 
   # Model: see clip_jax/models/two_towers.py for each key.
   c.model = ml_collections.ConfigDict()
