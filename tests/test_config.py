@@ -163,6 +163,8 @@ _BAD_CONFIGS = [
     ("total_steps", None, ["Duration 'total' is not set",
                            "config.total_steps"]),
     ("batch_size", 0, ["config.batch_size=0", "must be > 0"]),
+    ("max_consecutive_nonfinite", 0,
+     ["config.max_consecutive_nonfinite=0", ">= 1"]),
 ]
 
 
@@ -192,24 +194,17 @@ def test_every_check_rejects_some_bad_config():
   assert first == {name for name, _ in config_lib.CHECKS}
 
 
-def test_batch_divisible_by_devices_times_accumulation(monkeypatch):
-  """accum_steps (read with a default of 1): each micro-batch is split over
-  all devices, so the batch must divide by devices x accum_steps."""
-  base = config_lib.base_config
-
-  def with_accum():
-    c = base()
-    c.accum_steps = c.get("accum_steps", 1)
-    return c
-
-  monkeypatch.setattr(config_lib, "base_config", with_accum)
-  config = _set(_tiny_config(), "accum_steps", 3)  # 64 % 24 != 0.
-  with pytest.raises(ValueError, match=r"batch_size=64 is not divisible by "
-                     r"the 8 devices x config.accum_steps=3 \(= 24\)"):
+def test_accumulation_steps_divide_the_per_device_batch():
+  """Each micro-batch takes per_device / accum_steps rows of every device."""
+  config = _set(_tiny_config(), "accum_steps", 3)  # 64 / 8 = 8 rows, 8 % 3.
+  with pytest.raises(ValueError, match=r"config.accum_steps=3 does not divide "
+                     r"the per-device batch 8 \(batch_size 64 / 8 devices\)"):
     config_lib.validate(config, device_count=8)
   config_lib.validate(_set(config, "accum_steps", 4), device_count=8)
   with pytest.raises(ValueError, match=r"config.accum_steps=0 must be"):
     config_lib.validate(_set(config, "accum_steps", 0), device_count=8)
+  with pytest.raises(ValueError, match=r"config.accum_mode='fast' is not one"):
+    config_lib.validate(_set(config, "accum_mode", "fast"), device_count=8)
 
 
 def test_batch_divisible_by_processes():
