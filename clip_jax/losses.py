@@ -22,15 +22,22 @@ batch-sharded; Auto meshes (ours) reshard them.
 
   softmax          CLIP's symmetric InfoNCE: mean over i of
                    (CE(row i of img->txt, i) + CE(row i of txt->img, i)) / 2.
-                   Sharded: all-gather both modalities; [n, N] blocks.
+                   Sharded: all-gather both modalities; each direction's
+                   logsumexp streams over [n, n] column tiles (Inf-CL), and
+                   the custom gradient recomputes the tiles.
   sigmoid          SigLIP: every pair is a binary problem, label +1 on the
                    diagonal and -1 elsewhere; the sum of -log sigmoid(label *
                    logit) over all N^2 pairs divided by N (the paper's
                    normalisation: per-image mean of the sum over texts).
-                   Sharded: all-gather the texts; [n, N] blocks.
+                   Sharded: all-gather the texts; a scan over [n, n]
+                   column tiles, recomputed by the custom gradient.
   sigmoid_chunked  the same value; the texts travel around a ring of devices
                    (ppermute), so a device holds one [n, n] block and one
-                   [n, D] block of texts at a time, forward and backward.
+                   [n, D] block of texts at a time, forward and backward;
+                   each hop is issued before the block it overlaps.
+
+No sharded loss holds an [n, N] block of logits: per-device temporary memory
+is O(n^2 + N D) (gathered) or O(n^2 + n D) (ring), not O(n N).
 """
 
 from __future__ import annotations
@@ -90,6 +97,60 @@ def _sharded(mesh, body, *args):
   return fn(*args)
 
 
+def _tiles(keys, tile: int):
+  """[N, D] -> [N / tile, tile, D]: the column tiles a scan walks over."""
+  return keys.reshape(keys.shape[0] // tile, tile, keys.shape[1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _tiled_logsumexp(rows, keys, scale, tile):
+  """logsumexp over columns of scale * rows @ keys.T, [n] (Inf-CL style).
+
+  Streams over column tiles with a running max and sum, so only one
+  [n, tile] block of logits exists at a time; the custom gradient recomputes
+  each block from the saved logsumexp instead of storing the [n, N] logits.
+  """
+  def step(carry, block_keys):
+    running_max, running_sum = carry
+    logits = scale * (rows @ block_keys.T)
+    new_max = jnp.maximum(running_max, logits.max(axis=1))
+    running_sum = (running_sum * jnp.exp(running_max - new_max) +
+                   jnp.exp(logits - new_max[:, None]).sum(axis=1))
+    return (new_max, running_sum), None
+
+  # The first tile starts the running max (no -inf sentinel to special-case).
+  first = scale * (rows @ keys[:tile].T)
+  first_max = first.max(axis=1)
+  init = (first_max, jnp.exp(first - first_max[:, None]).sum(axis=1))
+  (row_max, row_sum), _ = jax.lax.scan(step, init, _tiles(keys[tile:], tile))
+  return row_max + jnp.log(row_sum)
+
+
+def _tiled_logsumexp_fwd(rows, keys, scale, tile):
+  lse = _tiled_logsumexp(rows, keys, scale, tile)
+  return lse, (rows, keys, scale, lse)
+
+
+def _tiled_logsumexp_bwd(tile, residuals, g):
+  """d lse_i / d logit_ij = softmax_ij = exp(logit_ij - lse_i), per tile."""
+  rows, keys, scale, lse = residuals
+
+  def step(carry, block_keys):
+    drows, dscale = carry
+    similarity = rows @ block_keys.T
+    dlogits = g[:, None] * jnp.exp(scale * similarity - lse[:, None])
+    drows = drows + scale * (dlogits @ block_keys)
+    dscale = dscale + jnp.sum(dlogits * similarity)
+    return (drows, dscale), scale * (dlogits.T @ rows)
+
+  (drows, dscale), dkeys = jax.lax.scan(
+      step, (jnp.zeros_like(rows), jnp.zeros_like(scale)), _tiles(keys, tile))
+  return drows, dkeys.reshape(keys.shape), dscale
+
+
+_tiled_logsumexp.defvjp(_tiled_logsumexp_fwd, _tiled_logsumexp_bwd)
+
+
 def softmax_loss(zimg, ztxt, logit_scale, logit_bias=None, mesh=None):
   del logit_bias  # InfoNCE is invariant to a shared bias.
   zimg, ztxt, scale = _f32(zimg, ztxt, logit_scale)
@@ -100,14 +161,69 @@ def softmax_loss(zimg, ztxt, logit_scale, logit_bias=None, mesh=None):
   _check_divisible(n, mesh)
 
   def body(zimg, ztxt, scale, axes):
-    offset = jax.lax.axis_index(axes) * zimg.shape[0]
+    # Varying scale: the custom gradient returns a per-device scale gradient
+    # and the cast's transpose sums it over devices (a scalar all-reduce).
+    scale = jax.lax.pcast(scale, axes, to="varying")
+    tile = zimg.shape[0]  # [n, n] logits blocks, as the ring holds.
     ztxt_all = jax.lax.all_gather(ztxt, axes, tiled=True)
     zimg_all = jax.lax.all_gather(zimg, axes, tiled=True)
-    local = (_softmax_sum(zimg, ztxt_all, scale, offset) +
-             _softmax_sum(ztxt, zimg_all, scale, offset))
+    # A device's positives are its own rows: logit (i, offset + i) is
+    # scale * zimg_i . ztxt_i in both directions.
+    positives = scale * jnp.sum(zimg * ztxt)
+    local = (jnp.sum(_tiled_logsumexp(zimg, ztxt_all, scale, tile)) +
+             jnp.sum(_tiled_logsumexp(ztxt, zimg_all, scale, tile)) -
+             2 * positives)
     return jax.lax.psum(local, axes) / (2 * n)
 
   return _sharded(mesh, body, zimg, ztxt, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _tiled_sigmoid_sum(zimg, ztxt_all, scale, bias, axes):
+  """This device's rows of the sigmoid sum over the gathered texts.
+
+  One [n, n] block of logits at a time (a scan over column tiles); the
+  custom gradient recomputes each block rather than storing [n, N] logits.
+  """
+  n = zimg.shape[0]
+  offset = jax.lax.axis_index(axes) * n
+
+  def step(total, tile_and_keys):
+    t, block_keys = tile_and_keys
+    return total + _sigmoid_sum(zimg, block_keys, scale, bias,
+                                offset - t * n), None
+
+  tiles = _tiles(ztxt_all, n)
+  total, _ = jax.lax.scan(step, jnp.zeros_like(scale),
+                          (jnp.arange(tiles.shape[0]), tiles))
+  return total
+
+
+def _tiled_sigmoid_fwd(zimg, ztxt_all, scale, bias, axes):
+  return (_tiled_sigmoid_sum(zimg, ztxt_all, scale, bias, axes),
+          (zimg, ztxt_all, scale, bias))
+
+
+def _tiled_sigmoid_bwd(axes, inputs, g):
+  zimg, ztxt_all, scale, bias = inputs
+  n = zimg.shape[0]
+  offset = jax.lax.axis_index(axes) * n
+
+  def step(local, tile_and_keys):
+    t, block_keys = tile_and_keys
+    _, vjp = jax.vjp(lambda *a: _sigmoid_sum(*a, offset - t * n),
+                     zimg, block_keys, scale, bias)
+    dimg, dkeys, dscale, dbias = vjp(g)
+    return jax.tree.map(jnp.add, local, (dimg, dscale, dbias)), dkeys
+
+  tiles = _tiles(ztxt_all, n)
+  zeros = jax.tree.map(jnp.zeros_like, (zimg, scale, bias))
+  (dimg, dscale, dbias), dtexts = jax.lax.scan(
+      step, zeros, (jnp.arange(tiles.shape[0]), tiles))
+  return dimg, dtexts.reshape(ztxt_all.shape), dscale, dbias
+
+
+_tiled_sigmoid_sum.defvjp(_tiled_sigmoid_fwd, _tiled_sigmoid_bwd)
 
 
 def sigmoid_loss(zimg, ztxt, logit_scale, logit_bias, mesh=None):
@@ -118,9 +234,9 @@ def sigmoid_loss(zimg, ztxt, logit_scale, logit_bias, mesh=None):
   _check_divisible(n, mesh)
 
   def body(zimg, ztxt, scale, bias, axes):
-    offset = jax.lax.axis_index(axes) * zimg.shape[0]
+    scale, bias = jax.lax.pcast((scale, bias), axes, to="varying")
     ztxt_all = jax.lax.all_gather(ztxt, axes, tiled=True)
-    local = _sigmoid_sum(zimg, ztxt_all, scale, bias, offset)
+    local = _tiled_sigmoid_sum(zimg, ztxt_all, scale, bias, axes)
     return jax.lax.psum(local, axes) / n
 
   return _sharded(mesh, body, zimg, ztxt, scale, bias)
@@ -132,19 +248,8 @@ def _ring_perm(axes):
   return [(j, (j + 1) % size) for j in range(size)]
 
 
-def _ring(axes, step, travelling, local):
-  """Runs step(k, travelling, local) -> (travelling, local), k = 0..size-1.
-
-  Before each step but the first, `travelling` hops one device along the
-  ring, so at step k device i holds what device i - k started with. A
-  fori_loop: the HLO holds one step, not one per device.
-  """
-  def hop_then_step(k, carry):
-    travelling, local = carry
-    return step(k, jax.lax.ppermute(travelling, axes, _ring_perm(axes)), local)
-
-  return jax.lax.fori_loop(1, jax.lax.axis_size(axes), hop_then_step,
-                           step(0, travelling, local))
+def _hop(x, axes):
+  return jax.lax.ppermute(x, axes, _ring_perm(axes))
 
 
 def _ring_offset(k, n):
@@ -156,14 +261,25 @@ def _ring_offset(k, n):
 def _ring_sigmoid_sum(zimg, ztxt, scale, bias, axes):
   """This device's rows of the sigmoid sum, the texts passed around a ring.
 
-  A custom gradient because autodiff of the loop would store every step's
-  [n, n] block (together, an [n, N] one) and every step's texts.
+  At step k device i holds the texts device i - k started with. Each step
+  sends its texts on before computing their block, so the hop has no data
+  dependence on the block and can overlap it; the last step sends nothing.
+  A fori_loop: the HLO holds one step, not one per device. A custom
+  gradient because autodiff of the loop would store every step's [n, n]
+  block (together, an [n, N] one) and every step's texts.
   """
-  def step(k, texts, total):
-    offset = _ring_offset(k, zimg.shape[0])
-    return texts, total + _sigmoid_sum(zimg, texts, scale, bias, offset)
+  n = zimg.shape[0]
+  block = lambda k, texts: _sigmoid_sum(zimg, texts, scale, bias,
+                                        _ring_offset(k, n))
 
-  return _ring(axes, step, ztxt, jnp.zeros_like(scale))[1]
+  def send_then_compute(k, carry):
+    texts, total = carry
+    return _hop(texts, axes), total + block(k, texts)
+
+  last = jax.lax.axis_size(axes) - 1
+  texts, total = jax.lax.fori_loop(0, last, send_then_compute,
+                                   (ztxt, jnp.zeros_like(scale)))
+  return total + block(last, texts)
 
 
 def _ring_sigmoid_fwd(zimg, ztxt, scale, bias, axes):
@@ -174,24 +290,41 @@ def _ring_sigmoid_fwd(zimg, ztxt, scale, bias, axes):
 def _ring_sigmoid_bwd(axes, inputs, g):
   """The same ring again, each block recomputed and differentiated.
 
-  The texts' gradient travels with the texts, every device adding its
-  block's contribution, and takes one last hop home after the final step.
+  The texts' gradient travels one hop behind the texts: at step k a device
+  receives the gradient the previous device accumulated for the texts it now
+  holds and adds its own block's share. Both hops are issued before the
+  block is computed, so they can overlap it; after the last step the
+  gradient takes one final hop home.
   """
   zimg, ztxt, scale, bias = inputs
+  n = zimg.shape[0]
 
-  def step(k, travelling, local):
-    texts, dtexts = travelling
-    offset = _ring_offset(k, zimg.shape[0])
-    _, vjp = jax.vjp(lambda *a: _sigmoid_sum(*a, offset),
+  def block_grads(k, texts):
+    _, vjp = jax.vjp(lambda *a: _sigmoid_sum(*a, _ring_offset(k, n)),
                      zimg, texts, scale, bias)
-    dimg, dt, dscale, dbias = vjp(g)
-    return (texts, dtexts + dt), jax.tree.map(jnp.add, local,
-                                              (dimg, dscale, dbias))
+    dimg, dtexts, dscale, dbias = vjp(g)
+    return dtexts, (dimg, dscale, dbias)
 
-  zeros = functools.partial(jax.tree.map, jnp.zeros_like)
-  (_, dtexts), (dimg, dscale, dbias) = _ring(
-      axes, step, (ztxt, zeros(ztxt)), zeros((zimg, scale, bias)))
-  return dimg, jax.lax.ppermute(dtexts, axes, _ring_perm(axes)), dscale, dbias
+  def accumulate(k, texts, dtexts, local):
+    block_dtexts, block_local = block_grads(k, texts)
+    return (dtexts + block_dtexts,
+            jax.tree.map(jnp.add, local, block_local))
+
+  def send_then_compute(k, carry):
+    texts, dtexts, local = carry
+    next_texts, dtexts = _hop(texts, axes), _hop(dtexts, axes)
+    return (next_texts, *accumulate(k, texts, dtexts, local))
+
+  last = jax.lax.axis_size(axes) - 1
+  # Step 0 outside the loop: nothing has been accumulated yet to receive.
+  dtexts, local = block_grads(0, ztxt)
+  texts = _hop(ztxt, axes) if last else ztxt
+  texts, dtexts, local = jax.lax.fori_loop(
+      1, last, send_then_compute, (texts, dtexts, local))
+  if last:
+    dtexts, local = accumulate(last, texts, _hop(dtexts, axes), local)
+  dimg, dscale, dbias = local
+  return dimg, _hop(dtexts, axes), dscale, dbias
 
 
 _ring_sigmoid_sum.defvjp(_ring_sigmoid_fwd, _ring_sigmoid_bwd)

@@ -2,10 +2,10 @@
 
 Every loss, dense and sharded over five mesh shapes, must give the NumPy
 value and the NumPy gradients w.r.t. both embeddings, the scale and the bias.
-The sharded losses must also never build an N x N logits buffer on a device
-nor all-reduce an [N, D] gradient, and the ring (sigmoid_chunked) must hold
-no more than one [n, n] logits block and one [n, D] block of embeddings at a
-time, backward included.
+The sharded losses must also never build an N x N (nor an n x N) logits
+buffer on a device nor all-reduce an [N, D] gradient; they compute one
+[n, n] logits block at a time, backward included, and the ring
+(sigmoid_chunked) holds no more than one [n, D] block of embeddings.
 """
 
 import functools
@@ -184,15 +184,21 @@ def test_compiled_memory_and_communication(name, shape):
   shapes = _shapes_in_hlo(hlo)
   n_local = N // mesh.size
   assert (N, N) not in shapes  # No device holds the full logits matrix.
-  assert (n_local, N) in shapes or name == "sigmoid_chunked"
+  # Every loss computes one [n, n] logits block at a time (column tiles of
+  # the gathered embeddings, or the ring's blocks): no [n, N] logits.
+  assert (n_local, n_local) in shapes
+  assert (n_local, N) not in shapes, sorted(shapes)
+  biggest = max(np.prod(s, dtype=int) for s in shapes)
   if name == "sigmoid_chunked":
     # One [n, n] logits block and one [n, D] block of embeddings at a time:
     # nothing gathered, and no per-step residuals stacked for the backward.
-    assert (n_local, n_local) in shapes
-    biggest = max(np.prod(s, dtype=int) for s in shapes)
     assert biggest <= max(n_local * D, n_local**2), sorted(shapes)
     assert "all-gather" not in hlo and "collective-permute" in hlo
     assert "while" in hlo  # A loop over the ring, not unrolled per device.
+  else:
+    # The gathered [N, D] embeddings (and their gradient) are the largest.
+    assert biggest <= max(N * D, n_local**2), sorted(shapes)
+    assert "while" in hlo  # A loop over column tiles.
   # Only scalars are all-reduced: the embedding gradients come back through
   # reduce-scatter (the transpose of all_gather), never an [N, D] all-reduce.
   for line in hlo.splitlines():
