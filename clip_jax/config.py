@@ -134,6 +134,19 @@ def mesh_shape(mesh_config, device_count: int) -> tuple[int, int]:
   return sizes[0], sizes[1]
 
 
+def check_slices(slices: int, data: int, device_count: int) -> None:
+  """config.mesh.slices: the 'data' axis (resolved size `data`) spans
+  `slices` equal groups of devices (TPU slices)."""
+  if int(slices) != slices or slices < 1:
+    raise ValueError(f"config.mesh.slices={slices!r} must be an integer "
+                     ">= 1 (the number of TPU slices; 1 = one slice).")
+  if data % slices or device_count % slices:
+    raise ValueError(
+        f"config.mesh.slices={slices} must divide the 'data' axis "
+        f"(mesh.data={data}) and the {device_count} devices: 'data' spans "
+        "the slices; choose mesh.data as a multiple of the slice count.")
+
+
 def validate(config, *, device_count: int, process_count: int = 1) -> None:
   """Checks a config before anything is compiled; raises ValueError."""
   # Imported here: losses/models import jax, config parsing should not need to.
@@ -150,7 +163,11 @@ def validate(config, *, device_count: int, process_count: int = 1) -> None:
     raise ValueError(
         f"config.batch_size={config.batch_size} is not divisible by the "
         f"{process_count} processes.")
-  mesh_shape(config.mesh, device_count)
+  data, _ = mesh_shape(config.mesh, device_count)
+  check_slices(config.mesh.get("slices", 1), data, device_count)
+  if config.mesh.get("dcn_granule", "slice") not in ("slice", "process"):
+    raise ValueError(f"config.mesh.dcn_granule={config.mesh.dcn_granule!r}: "
+                     "expected 'slice' or 'process'.")
   losses.get_loss(config.loss)  # Raises with the list of valid names.
   two_towers.validate_model_config(config.model)
   if config.lr <= 0:
@@ -216,7 +233,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Mesh axis sizes; -1 = all remaining devices. The batch is split over
   # both axes; parameters follow sharding_rules (see clip_jax/sharding.py).
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # slices > 1: 'data' spans that many TPU slices (DCN between them), the
+  # devices grouped by slice_index, or by process with dcn_granule='process'.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, slices=1,
+                                          dcn_granule="slice"))
   c.sharding_rules = ((".*", "replicate"),)  # A tuple: overridable by flag.
 
   # Input: see clip_jax/data/pipeline.py for each key.
