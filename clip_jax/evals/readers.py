@@ -23,6 +23,9 @@ Batches (every process reads the same global batches, in source order):
   captions     with_captions=True: list (per row) of lists of str, or of
                int32 token arrays for pre-tokenised sources.
 The last batch is padded to `batch_size` rows.
+With `rows` (record_batches), a process decodes only the images its own
+devices embed: 'image' holds those rows, 'image_rows' says which, and
+'image_mask' which decoded; the other entries still cover every row.
 
 Image folders (`ClassFolderSource`): root/<class folder>/**/*.{png,jpg,jpeg}
 (extension case-insensitive, nested folders included). Classes are the
