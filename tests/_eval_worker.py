@@ -1,14 +1,17 @@
 """Evaluates a tiny model over the mesh in one of several processes.
 
   python tests/_eval_worker.py DATA_DIR OUT_DIR PROCESS_ID NUM_PROCESSES
-      PORT LOCAL_DEVICES ORDER
+      PORT LOCAL_DEVICES ORDER[,ORDER...]
 
-ORDER 'natural': the mesh takes jax.devices() in order (process-major);
-'interleaved': process 0's and process 1's devices alternate in the mesh,
-as a TPU pod's physical order ignores process boundaries. Every process
-writes OUT_DIR/process<i>.npz: the zero-shot and retrieval results of
-evals.run.run_all, the image and caption embeddings with their labels, and
-two training-style batches gathered back to the host (see main).
+ORDER (the mesh, one run each): 'natural': ('data', 'fsdp') = (2, 4) over
+jax.devices() in order (process-major); 'interleaved': the same with
+process 0's and process 1's devices alternating, as a TPU pod's physical
+order ignores process boundaries; 'hybrid': (4, 2) with mesh.slices=2 and
+dcn_granule='process' (each process a "slice"; create_hybrid_device_mesh).
+Every process writes OUT_DIR/process<i>_<ORDER>.npz: the zero-shot and
+retrieval results of evals.run.run_all, the image and caption embeddings
+with their labels, and two training-style batches gathered back to the
+host (see evaluate).
 
 The helpers (model, params, data, tokenizer) are imported by
 test_multiprocess.py to compute the single-process reference.
@@ -106,35 +109,47 @@ def eval_config(data_dir: str):
                                           data_dir, "captions.jsonl"))))))
 
 
-def mesh_devices(devices, order: str):
-  """The mesh's device order (see the module docstring)."""
-  if order == "natural":
-    return list(devices)
+def make_mesh(devices, order: str):
+  """The mesh of an ORDER (see the module docstring)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  from clip_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  mesh_config = ml_collections.ConfigDict(dict(data=2, fsdp=4))
   if order == "interleaved":
     by_process = {}
     for d in devices:
       by_process.setdefault(d.process_index, []).append(d)
-    return [d for group in zip(*by_process.values()) for d in group]
-  raise ValueError(f"ORDER={order!r}: expected 'natural' or 'interleaved'.")
+    devices = [d for group in zip(*by_process.values()) for d in group]
+  elif order == "hybrid":
+    mesh_config.update(data=4, fsdp=2, slices=2, dcn_granule="process")
+  elif order != "natural":
+    raise ValueError(f"ORDER={order!r}: expected 'natural', 'interleaved' "
+                     "or 'hybrid'.")
+  return sharding_lib.make_mesh(mesh_config, devices=list(devices))
 
 
 def main():
-  data_dir, out_dir, pid, nproc, port, local_devices, order = sys.argv[1:8]
+  data_dir, out_dir, pid, nproc, port, local_devices, orders = sys.argv[1:8]
   os.environ["XLA_FLAGS"] = (
       f"--xla_force_host_platform_device_count={local_devices}")
   import jax  # pylint: disable=g-import-not-at-top
   if int(nproc) > 1:
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
                                num_processes=int(nproc), process_id=int(pid))
-  import ml_collections  # pylint: disable=g-import-not-at-top
+  for order in orders.split(","):
+    evaluate(data_dir, os.path.join(out_dir, f"process{pid}_{order}.npz"),
+             make_mesh(jax.devices(), order))
+  if int(nproc) > 1:
+    jax.distributed.shutdown()
+
+
+def evaluate(data_dir: str, out_path: str, mesh) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
   from clip_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from clip_jax.evals import embed, run  # pylint: disable=g-import-not-at-top
 
-  devices = mesh_devices(jax.devices(), order)
-  mesh = sharding_lib.make_mesh(
-      ml_collections.ConfigDict(dict(data=2, fsdp=4)), devices=devices)
   model, host_params = build_model_and_params()
   replicated = sharding_lib.replicated(mesh)
   params = jax.tree_util.tree_map(
@@ -165,16 +180,16 @@ def main():
   p, k = jax.process_index(), jax.process_count()
   block = gather(batch[p * n // k:(p + 1) * n // k])
 
-  np.savez(os.path.join(out_dir, f"process{pid}.npz"),
+  np.savez(out_path,
            names=np.array(sorted(k for k in results if "seconds" not in k)),
            values=np.array([results[k] for k in sorted(results)
                             if "seconds" not in k], np.float64),
            image_emb=image_emb, labels=rows["label"],
            num_skipped=rows["num_skipped"], text_emb=text_emb,
            own_rows=own_rows, block=block,
-           local_rows=sharding_lib.host_rows(mesh, BATCH))
-  if int(nproc) > 1:
-    jax.distributed.shutdown()
+           local_rows=sharding_lib.host_rows(mesh, BATCH),
+           slice_of_data=np.array([[d.process_index for d in row]
+                                   for row in mesh.devices]))
 
 
 if __name__ == "__main__":

@@ -58,28 +58,32 @@ def test_two_processes_equal_one(tmp_path):
 EVAL_WORKER = os.path.join(ROOT, "tests", "_eval_worker.py")
 
 
-def run_eval_workers(data_dir, out_dir, num_processes, local_devices, order):
+def run_eval_workers(data_dir, out_dir, num_processes, local_devices,
+                     orders):
   port = free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["PYTHONPATH"] = ROOT
   os.makedirs(out_dir, exist_ok=True)
   procs = [subprocess.Popen(
       [sys.executable, EVAL_WORKER, str(data_dir), str(out_dir), str(pid),
-       str(num_processes), str(port), str(local_devices), order],
+       str(num_processes), str(port), str(local_devices), ",".join(orders)],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
       text=True) for pid in range(num_processes)]
   outputs = [p.communicate(timeout=300)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
-  return [dict(np.load(os.path.join(out_dir, f"process{pid}.npz")))
-          for pid in range(num_processes)]
+  return {order: [dict(np.load(os.path.join(out_dir,
+                                            f"process{pid}_{order}.npz")))
+                   for pid in range(num_processes)]
+          for order in orders}
 
 
 @pytest.mark.slow
 def test_two_processes_on_an_interleaved_mesh_evaluate_like_one(tmp_path):
   """Zero-shot / retrieval over two processes whose devices alternate in
-  the mesh (not process-major) equal one process; the embeddings equal a
-  dense, mesh-free model.apply in input order."""
+  the mesh (not process-major), and over a hybrid mesh whose 'data' axis
+  spans the two processes as slices, equal one process; the embeddings
+  equal a dense, mesh-free model.apply in input order."""
   import _eval_worker as worker  # pylint: disable=g-import-not-at-top
 
   from clip_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
@@ -87,12 +91,17 @@ def test_two_processes_on_an_interleaved_mesh_evaluate_like_one(tmp_path):
   from clip_jax.evals import readers, run  # pylint: disable=g-import-not-at-top
 
   worker.write_data(str(tmp_path / "data"))
-  two = run_eval_workers(tmp_path / "data", tmp_path / "two", 2, 4,
-                         "interleaved")
+  runs = run_eval_workers(tmp_path / "data", tmp_path / "two", 2, 4,
+                          ["interleaved", "hybrid"])
   # The mesh really is not process-major: process 0's devices hold every
   # other pair of rows, not the first half of a batch.
-  assert list(two[0]["local_rows"]) == [0, 1, 4, 5, 8, 9, 12, 13]
-  assert list(two[1]["local_rows"]) == [2, 3, 6, 7, 10, 11, 14, 15]
+  interleaved = runs["interleaved"]
+  assert list(interleaved[0]["local_rows"]) == [0, 1, 4, 5, 8, 9, 12, 13]
+  assert list(interleaved[1]["local_rows"]) == [2, 3, 6, 7, 10, 11, 14, 15]
+  # Hybrid: 'data' rows 0-1 in process 0, 2-3 in process 1; 'fsdp' inside.
+  for got in runs["hybrid"]:
+    np.testing.assert_array_equal(got["slice_of_data"],
+                                  [[0, 0], [0, 0], [1, 1], [1, 1]])
 
   # Reference 1: one process, natural 8-device mesh, in this process.
   model, params = worker.build_model_and_params()
@@ -120,7 +129,7 @@ def test_two_processes_on_an_interleaved_mesh_evaluate_like_one(tmp_path):
       method=model.encode_text))
   assert len(images) == sum(worker.COUNTS) == len(source) - 1
 
-  for got in two:
+  for got in interleaved + runs["hybrid"]:
     assert dict(zip(got["names"], got["values"])) == pytest.approx(
         one, rel=1e-6, abs=1e-6)
     assert one["eval/zeroshot/num_skipped"] == 1
@@ -136,6 +145,9 @@ def test_two_processes_on_an_interleaved_mesh_evaluate_like_one(tmp_path):
     # every pair intact.
     batch = np.stack([np.arange(32), 1000 + np.arange(32)], axis=1)
     np.testing.assert_array_equal(got["own_rows"], batch)
-    assert not np.array_equal(got["block"], batch)
     np.testing.assert_array_equal(np.sort(got["block"], axis=0), batch)
-    np.testing.assert_array_equal(got["block"][:, 1], 1000 + got["block"][:, 0])
+    np.testing.assert_array_equal(got["block"][:, 1],
+                                  1000 + got["block"][:, 0])
+  # ... and only on the interleaved mesh is the block order a permutation.
+  assert not np.array_equal(interleaved[0]["block"], batch)
+  np.testing.assert_array_equal(runs["hybrid"][0]["block"], batch)

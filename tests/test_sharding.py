@@ -1,6 +1,8 @@
 """Partition rules, host -> global batches on any device order, and the
 multi-slice (hybrid) mesh."""
 
+import functools
+
 import jax
 import ml_collections
 import numpy as np
@@ -166,3 +168,33 @@ def test_validate_checks_slices_before_compiling():
     config_lib.validate(config, device_count=8)
   config.mesh.update(data=4, fsdp=2, slices=2)
   config_lib.validate(config, device_count=8)
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_losses_ignore_where_pairs_sit_in_the_global_batch(name):
+  """Why training may keep process-local placement (host_to_global's
+  docstring): on a non-process-major mesh the step sees the pairs in
+  another row order. Every loss and its gradients must not change, other
+  than by float summation order; per-row gradients move with their rows."""
+  mesh = _ordered_mesh(INTERLEAVED)
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(2, 32, 8)).astype(np.float32)
+  z /= np.linalg.norm(z, axis=-1, keepdims=True)
+  perm = rng.permutation(32)
+  loss = functools.partial(losses.get_loss(name), mesh=mesh)
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+
+  def run(zimg, ztxt):
+    put = lambda x: sharding_lib.rows_to_global(x, mesh)
+    return jax.device_get(grad(put(zimg), put(ztxt), np.float32(10.0),
+                               np.float32(-5.0)))
+
+  (value, (gi, gt, gs, gb)) = run(z[0], z[1])
+  (pvalue, (pgi, pgt, pgs, pgb)) = run(z[0][perm], z[1][perm])
+  np.testing.assert_allclose(pvalue, value, rtol=1e-6)
+  np.testing.assert_allclose(pgi, gi[perm], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(pgt, gt[perm], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose([pgs, pgb], [gs, gb], rtol=1e-5)
+  # Control: breaking the pairs (texts alone permuted) changes the loss.
+  (broken, _) = run(z[0], z[1][perm])
+  assert abs(broken - value) > 1e-3
