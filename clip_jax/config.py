@@ -135,6 +135,19 @@ def mesh_shape(mesh_config, device_count: int) -> tuple[int, int]:
   return sizes[0], sizes[1]
 
 
+def check_slices(slices: int, data: int, device_count: int) -> None:
+  """config.mesh.slices: the 'data' axis (resolved size `data`) spans
+  `slices` equal groups of devices (TPU slices)."""
+  if int(slices) != slices or slices < 1:
+    raise ValueError(f"config.mesh.slices={slices!r} must be an integer "
+                     ">= 1 (the number of TPU slices; 1 = one slice).")
+  if data % slices or device_count % slices:
+    raise ValueError(
+        f"config.mesh.slices={slices} must divide the 'data' axis "
+        f"(mesh.data={data}) and the {device_count} devices: 'data' spans "
+        "the slices; choose mesh.data as a multiple of the slice count.")
+
+
 # --------------------------------------------------------- validation ----
 #
 # validate() runs every function of CHECKS, in order, before anything is
@@ -271,7 +284,11 @@ def _check_batch(config, *, device_count: int, process_count: int) -> None:
 
 
 def _check_mesh(config, *, device_count: int, **_) -> None:
-  mesh_shape(config.mesh, device_count)
+  data, _ = mesh_shape(config.mesh, device_count)
+  check_slices(config.mesh.get("slices", 1), data, device_count)
+  if config.mesh.get("dcn_granule", "slice") not in ("slice", "process"):
+    raise ValueError(f"config.mesh.dcn_granule={config.mesh.dcn_granule!r}: "
+                     "expected 'slice' or 'process'.")
 
 
 def _registered_names():
@@ -521,7 +538,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Mesh axis sizes; -1 = all remaining devices. The batch is split over
   # both axes; parameters follow sharding_rules (see clip_jax/sharding.py).
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # slices > 1: 'data' spans that many TPU slices (DCN between them), the
+  # devices grouped by slice_index, or by process with dcn_granule='process'.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, slices=1,
+                                          dcn_granule="slice"))
   c.sharding_rules = ((".*", "replicate"),)  # A tuple: overridable by flag.
 
   # Input: see clip_jax/data/pipeline.py for each key.

@@ -58,7 +58,9 @@ def adhoc_evals(zeroshot_folder, templates, retrieval_path) -> dict:
 def restore_params(config, workdir: str, step: int | None):
   """(model, params on the mesh, mesh, step) of a run's checkpoint."""
   mesh = sharding_lib.make_mesh(config.mesh)
-  model = two_towers.build_model(config.model)
+  model = two_towers.build_model(
+      config.model, pixel_mean=config.data.get("mean"),
+      pixel_std=config.data.get("std"))
   # The optimiser's state structure does not depend on the schedule's
   # length, so any length rebuilds the tree the run saved.
   tx, _ = optim.make_optimizer(config, train_state.param_shapes(model, config),

@@ -94,7 +94,9 @@ def train(config, workdir: str, *, data=None):
   if is_main:
     config_lib.save(config, workdir)
   mesh = sharding_lib.make_mesh(config.mesh)
-  model = two_towers.build_model(config.model)
+  model = two_towers.build_model(
+      config.model, pixel_mean=config.data.get("mean"),
+      pixel_std=config.data.get("std"))
   loss_fn = losses.get_loss(config.loss)
 
   data_iter, dataset_size = (data if data is not None else

@@ -359,3 +359,38 @@ def test_text_embedder_batches_and_pads():
                      method=model.encode_text)
   assert got.shape == (13, 8)
   np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_rows_mode_on_a_shuffled_mesh_keeps_input_order():
+  """A process that holds only some rows of each batch ('image_rows', in
+  any order) and failed to decode one ('image_mask' 0): embeddings come
+  back in input order, the failed row dropped and counted, labels paired."""
+  model, params = _tiny_model()
+  order = (5, 2, 7, 0, 3, 6, 1, 4)
+  mesh = sharding_lib.make_mesh(
+      ml_collections.ConfigDict(dict(data=4, fsdp=2)),
+      devices=[jax.devices()[i] for i in order])
+  encode = embed.make_encode_fn(model, mesh, "image")
+  rng = np.random.default_rng(1)
+  images = rng.normal(size=(27, 8, 8, 3)).astype(np.float32)
+  want = np.asarray(jax.jit(functools.partial(
+      model.apply, method=model.encode_image))({"params": params}, images))
+  batches = []
+  for start in (0, 16):  # Batches of 16; the second has 11 real rows.
+    real = min(16, 27 - start)
+    rows = rng.permutation(16)
+    padded = np.concatenate([images[start:start + real],
+                             np.zeros((16 - real, 8, 8, 3), np.float32)])
+    ok = np.ones(16, np.float32)
+    if start == 16:
+      ok[rows == 4] = 0.0  # Global row 20 could not be decoded.
+    batches.append({"image": padded[rows], "image_rows": rows,
+                    "image_mask": ok, "label": start + np.arange(16),
+                    "mask": (np.arange(16) < real).astype(np.float32),
+                    "num_skipped": np.zeros(16, np.int32)})
+  emb, rows = embed.embed_batches(encode, params, mesh, batches)
+  kept = np.r_[0:20, 21:27]
+  np.testing.assert_allclose(emb, want[kept], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(rows["label"], kept)
+  assert rows["num_skipped"] == 1
+  assert set(rows) == {"label", "num_skipped"}

@@ -4,6 +4,7 @@ retrieval through the uniform signature, linear probe, eval periods."""
 import os
 
 import closed_form  # tests/closed_form.py: toy towers
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -19,9 +20,12 @@ CLASS_NAMES = ["cat", "golden retriever", "red fox", "zebra"]
 COUNTS = [10, 9, 11, 7]  # 37 images: not a multiple of 16 or of 8 devices.
 
 
-def _mesh():
+SHUFFLED = (5, 2, 7, 0, 3, 6, 1, 4)
+
+
+def _mesh(order=tuple(range(8))):
   return sharding_lib.make_mesh(ml_collections.ConfigDict(
-      dict(data=4, fsdp=2)))
+      dict(data=4, fsdp=2)), devices=[jax.devices()[i] for i in order])
 
 
 def _write_folder(root, confused=0, corrupt=True):
@@ -80,6 +84,32 @@ def test_reader_batches_pad_mask_and_count_unreadable(tmp_path):
                                     for b in batches) == 1
     assert index[:38].tolist() == list(range(38))
     assert (index[38:] == -1).all() and (mask[38:] == 0).all()
+  # rows: only those images are decoded; every other entry covers the
+  # whole batch, the same as without rows.
+  calls = []
+
+  def counting(image):
+    calls.append(1)
+    return make(image)
+
+  rows = np.array([3, 0, 9, 15])
+  full = list(readers.record_batches(source, make, 16))
+  mine = list(readers.record_batches(source, counting, 16, rows=rows,
+                                     image_shape=(8, 8, 3), num_threads=2))
+  decodable = 37 + 1  # Real rows of the three batches (one corrupt).
+  assert len(calls) == sum(int(r < n) for n in (16, 16, decodable - 32)
+                           for r in rows) < decodable / 3
+  for a, b in zip(full, mine):
+    np.testing.assert_array_equal(b["image"], a["image"][rows])
+    np.testing.assert_array_equal(b["image_rows"], rows)
+    np.testing.assert_array_equal(b["index"], a["index"])
+    real = a["mask"] > 0
+    np.testing.assert_array_equal(b["label"][real], a["label"][real])
+    np.testing.assert_array_equal(b["image_mask"] > 0, real[rows])
+    # Without rows the corrupt file is masked by the reader; with rows,
+    # 'mask' covers the records (all readable here) and 'image_mask' the
+    # decoding, which embed_batches combines over processes.
+    np.testing.assert_array_equal(b["mask"], b["index"] >= 0)
   # Nothing readable at all is an error naming the first failure.
   bad = tmp_path / "bad" / "cls"
   bad.mkdir(parents=True)
@@ -89,13 +119,15 @@ def test_reader_batches_pad_mask_and_count_unreadable(tmp_path):
                                 make, 4))
 
 
-def test_zeroshot_on_an_image_folder_with_side_by_side_templates(tmp_path):
+@pytest.mark.parametrize("order", [tuple(range(8)), SHUFFLED])
+def test_zeroshot_on_an_image_folder_with_side_by_side_templates(tmp_path,
+                                                                 order):
   root = _write_folder(str(tmp_path), confused=2)
   evals = {"folder": dict(type="zeroshot", templates=["none", "clip_imagenet"],
                           dataset=dict(source="image_folder", path=root),
                           topk=(1, 3, 4), per_class=True, batch_size=16)}
-  out = run.run_all(_config(evals), closed_form.ClosedFormTowers(), {}, _mesh(),
-                    tokenize=closed_form.tokenize_fn(CLASS_NAMES))
+  out = run.run_all(_config(evals), closed_form.ClosedFormTowers(), {},
+                    _mesh(order), tokenize=closed_form.tokenize_fn(CLASS_NAMES))
   # Two zebras embed as e_0 (cat): class 0 scores 1, classes 1-3 tie at 0,
   # so their label 3 ranks 4th (ties -> lower class index first).
   for prefix in ("none", "clip_imagenet"):

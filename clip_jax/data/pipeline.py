@@ -28,7 +28,9 @@ that position, so a restored iterator yields exactly the batches the
 original would have (with any worker_count).
 
 Batches (dicts of numpy arrays, leading dim b):
-  image        float32 [b, S, S, 3], normalised with mean/std;
+  image        float32 [b, S, S, 3], normalised with mean/std; with
+               uint8_images, uint8 [b, S, S, 3] pixels (the model
+               normalises them with the same mean/std: models/two_towers);
   text         int32 [b, L], tokenised with the EOS policy;
   label        int32 [b], the source's class index, -1 if it has none;
   num_skipped  int32 [b]; its sum is the number of bad examples dropped
@@ -76,6 +78,8 @@ Data config keys (`config.data`, defaults in `default_data_config()`):
                     caption, so prompt ensembles at test time are in
                     distribution; None = captions as they are.
   mean, std         per-channel normalisation of [0, 1] pixels (CLIP's).
+  uint8_images      ship uint8 pixels, normalised on the device by the
+                    model (4x fewer host-to-device bytes; same values).
   tokenizer         a sentencepiece .model path, or 'emoji' = train one on
                     the emoji train captions (cached in cache_dir).
   vocab_size        vocabulary of a tokenizer trained here (the model's
@@ -139,6 +143,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       "class_name_caption": False,
       "caption_templates": config_dict.placeholder(str),
       "mean": transforms.CLIP_MEAN, "std": transforms.CLIP_STD,
+      "uint8_images": False,
       "tokenizer": "emoji", "vocab_size": 49408, "context_length": 77,
       "eos_policy": "eos", "lowercase": True,
       "worker_count": 0, "read_threads": 0, "prefetch": 2,
@@ -343,12 +348,13 @@ class DataIterator:
   def __init__(self, examples: grain.MapDataset, *, batch_size: int,
                worker_count: int, read_threads: int,
                prefetch: int, max_skip_fraction: float, mean, std,
-               fingerprint: dict):
+               fingerprint: dict, uint8_images: bool = False):
     self._examples, self.batch_size = examples, batch_size
     self._worker_count, self._read_threads = worker_count, read_threads
     self._prefetch = max(0, prefetch)
     self._max_skip_fraction = max_skip_fraction
     self._mean, self._std = mean, std
+    self._uint8_images = uint8_images
     self._fingerprint = fingerprint
     n = len(examples)
     self.num_batches = None if n >= sys.maxsize else n // batch_size
@@ -441,7 +447,9 @@ class DataIterator:
     styles = np.stack([r["style"] for r in rows])  # Each example's own draw.
     if np.any(styles != transforms.NO_STYLE):
       images = transforms.apply_style(images, styles)
-    batch = {"image": transforms.normalize(images, self._mean, self._std),
+    if not self._uint8_images:
+      images = transforms.normalize(images, self._mean, self._std)
+    batch = {"image": images,
              "text": np.stack([r["text"] for r in rows]).astype(np.int32),
              "label": np.array([r["label"] for r in rows], np.int32),
              "num_skipped": np.array(skipped, np.int32)}
@@ -587,7 +595,8 @@ def make_dataset(data_config, *, split: str, batch_size_per_process: int,
       read_threads=c.get("read_threads") or 0,
       prefetch=c.get("prefetch") or 1,
       max_skip_fraction=c.get("max_skip_fraction") or 0.0,
-      mean=tuple(c.mean), std=tuple(c.std), fingerprint=fingerprint)
+      mean=tuple(c.mean), std=tuple(c.std), fingerprint=fingerprint,
+      uint8_images=bool(c.get("uint8_images")))
   iterator.num_examples = len(source)
   iterator.class_names = getattr(source, "class_names", None)
   return iterator

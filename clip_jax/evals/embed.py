@@ -5,13 +5,18 @@ the batch, `sharding.batch_sharding(mesh)`) to embeddings [b, D] (replicated
 or batch-sharded). `make_encode_fn` builds one from a TwoTowers model.
 
 Multi-process: every process iterates the *same* global batches (eval data
-readers are deterministic and unshuffled) and feeds its contiguous share of
-the rows (`host_to_global`); the embeddings come back to every process.
+readers are deterministic and unshuffled). A process passes either a whole
+batch or, for images, only the rows its own devices hold ('image_rows',
+see evals/readers.py; sharding.host_rows) and the global array is built row
+by row from the index each device holds (`sharding.rows_to_global`), so row
+r is example r on any device order (TPU pods are not process-major). The
+embeddings come back to every process, in input order.
 
 Padding: a batch of b rows is padded (repeating its last row) to a multiple
-of the device count (times the process count), and the padding dropped
-again; rows whose batch 'mask' is 0 (padding the reader added to the last
-partial batch, or examples it could not read) are dropped too. So every real
+of the device count, and the padding dropped again; rows whose batch 'mask'
+is 0 (padding the reader added to the last partial batch, or examples it
+could not read) are dropped too, and so are rows whose 'image_mask' is 0 on
+the process that decoded them (combined across processes). So every real
 example is embedded exactly once, in input order.
 
 Transfers: batch i's embeddings are copied to the host while batch i+1 runs
@@ -56,14 +61,7 @@ def padded_size(n: int, multiple: int) -> int:
 
 
 def _row_multiple(mesh) -> int:
-  # The mesh spans all processes' devices; each process feeds an equal share.
-  return int(np.lcm(mesh.size, jax.process_count()))
-
-
-def _process_rows(x):
-  """This process's contiguous share of a global batch."""
-  n, index, count = len(x), jax.process_index(), jax.process_count()
-  return x[index * n // count:(index + 1) * n // count]
+  return mesh.size  # Every device holds an equal slice of a batch.
 
 
 def _to_host(x) -> np.ndarray:
@@ -79,27 +77,54 @@ def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
 
 
 class _Embedder:
-  """Runs encode_fn over global batches with one batch of transfer lag."""
+  """Runs encode_fn over global batches with one batch of transfer lag.
+
+  Per added batch, `added` holds the rows asked for (keep), `keeps` the
+  rows embedded (keep and decoded).
+  """
 
   def __init__(self, encode_fn, params, mesh):
     self.encode_fn, self.params, self.mesh = encode_fn, params, mesh
     self.multiple = _row_multiple(mesh)
     self.pending = None
-    self.done = []
+    self.done, self.keeps, self.added = [], [], []
 
-  def add(self, x: np.ndarray, keep: np.ndarray, size: int | None = None):
-    """Embeds rows x[keep]; pads x to `size` rows (or the next multiple)."""
-    x = np.asarray(x)
-    size = padded_size(len(x), self.multiple) if size is None else size
-    out = self.encode_fn(self.params, sharding_lib.host_to_global(
-        _process_rows(_pad_rows(x, size)), self.mesh))
+  def add(self, x: np.ndarray, keep: np.ndarray, size: int | None = None, *,
+          rows=None, ok=None):
+    """Embeds rows x[keep]; pads x to `size` rows (or the next multiple).
+
+    With `rows`, x holds only those rows of a `size`-row batch (at least
+    this process's, sharding.host_rows) and `ok` (per row of x) says which
+    were decoded; rows not ok on the process holding them are dropped.
+    """
+    x, keep = np.asarray(x), np.asarray(keep, bool)
+    size = padded_size(len(keep), self.multiple) if size is None else size
+    if rows is None:
+      global_x = sharding_lib.rows_to_global(_pad_rows(x, size), self.mesh)
+      global_ok = None
+    else:
+      if size % self.multiple or len(keep) > size:
+        raise ValueError(
+            f"A batch of {len(keep)} rows padded to {size} does not split "
+            f"over the {self.multiple} devices; use an eval batch_size "
+            f"that is a multiple of {self.multiple}.")
+      global_x = sharding_lib.rows_to_global(x, self.mesh, rows=rows,
+                                             num_rows=size)
+      ok = np.ones(len(x), np.float32) if ok is None else ok
+      global_ok = sharding_lib.rows_to_global(
+          np.asarray(ok, np.float32), self.mesh, rows=rows, num_rows=size)
+    out = self.encode_fn(self.params, global_x)
     self._flush()
-    self.pending = (out, np.asarray(keep))
+    self.pending = (out, keep, global_ok)
 
   def _flush(self):
     if self.pending is not None:
-      out, keep = self.pending
+      out, keep, global_ok = self.pending
+      self.added.append(keep)
+      if global_ok is not None:
+        keep = keep & (_to_host(global_ok)[:len(keep)] > 0)
       self.done.append(_to_host(out)[:len(keep)][keep])
+      self.keeps.append(keep)
       self.pending = None
 
   def result(self) -> np.ndarray | None:
@@ -133,18 +158,21 @@ def embed_batches(encode_fn, params, mesh, batches: Iterable[dict], *,
 
   Returns (float32 [N, D] embeddings of the real rows, in order; dict of
   the batches' other per-row entries, real rows only, concatenated: e.g.
-  'label', 'index', 'captions'). Scalars and 'mask' are not returned;
-  'num_skipped' (per-row counts) is summed into an int.
+  'label', 'index', 'captions'). Scalars, 'mask' and the image-rows
+  entries are not returned; 'num_skipped' (per-row counts, plus images no
+  process could decode) is summed into an int.
   """
   embedder = _Embedder(encode_fn, params, mesh)
-  rows, num_skipped, seen, size = {}, 0, 0, 0
+  entries, num_skipped, seen, size = [], 0, 0, 0
   for batch in batches:
     x = np.asarray(batch[key])
     mask = batch.get("mask")
-    keep = (np.ones(len(x), bool) if mask is None
+    rows = batch.get(f"{key}_rows")
+    num = len(x) if rows is None else len(mask)
+    keep = (np.ones(num, bool) if mask is None
             else np.asarray(mask).reshape(-1) > 0)
-    if len(keep) != len(x):
-      raise ValueError(f"Batch has {len(x)} rows of {key!r} but "
+    if len(keep) != num:
+      raise ValueError(f"Batch has {num} rows of {key!r} but "
                        f"{len(keep)} mask entries.")
     num_skipped += int(np.sum(batch.get("num_skipped", 0)))
     seen += 1
@@ -152,28 +180,34 @@ def embed_batches(encode_fn, params, mesh, batches: Iterable[dict], *,
       continue
     # A short last batch is padded to the size of the earlier ones: one
     # compilation serves all batches.
-    size = max(size, padded_size(len(x), embedder.multiple))
-    embedder.add(x, keep, size)
+    size = max(size, padded_size(num, embedder.multiple))
+    embedder.add(x, keep, size, rows=rows, ok=batch.get(f"{key}_mask"))
+    entries.append({
+        name: value for name, value in batch.items()
+        if name not in (key, "mask", "num_skipped", f"{key}_rows",
+                        f"{key}_mask")})
+  embeddings = embedder.result()
+  if embeddings is None or not len(embeddings):
+    raise ValueError(f"No examples to embed ({seen} batches, all rows "
+                     "masked or unreadable)." if seen
+                     else "No batches to embed.")
+  rows_out = {}
+  for batch, keep, added in zip(entries, embedder.keeps, embedder.added):
+    num_skipped += int(np.sum(added & ~keep))  # Images nobody could decode.
     for name, value in batch.items():
-      if name in (key, "mask", "num_skipped"):
-        continue
       if not isinstance(value, (list, tuple)):
         value = np.asarray(value)
         if value.ndim == 0:
           continue  # Not a per-row entry.
-      if len(value) != len(x):
+      if len(value) != len(keep):
         continue  # Not a per-row entry.
       if isinstance(value, np.ndarray):
-        rows.setdefault(name, []).append(value[keep])
+        rows_out.setdefault(name, []).append(value[keep])
       else:  # A list (e.g. captions per row).
-        rows.setdefault(name, []).append(
+        rows_out.setdefault(name, []).append(
             [v for v, k in zip(value, keep) if k])
-  embeddings = embedder.result()
-  if embeddings is None:
-    raise ValueError(f"No examples to embed ({seen} batches, all rows "
-                     "masked)." if seen else "No batches to embed.")
   out = {}
-  for name, parts in rows.items():
+  for name, parts in rows_out.items():
     out[name] = (np.concatenate(parts) if isinstance(parts[0], np.ndarray)
                  else [v for part in parts for v in part])
   out["num_skipped"] = num_skipped

@@ -23,6 +23,9 @@ Batches (every process reads the same global batches, in source order):
   captions     with_captions=True: list (per row) of lists of str, or of
                int32 token arrays for pre-tokenised sources.
 The last batch is padded to `batch_size` rows.
+With `rows` (record_batches), a process decodes only the images its own
+devices embed: 'image' holds those rows, 'image_rows' says which, and
+'image_mask' which decoded; the other entries still cover every row.
 
 Image folders (`ClassFolderSource`): root/<class folder>/**/*.{png,jpg,jpeg}
 (extension case-insensitive, nested folders included). Classes are the
@@ -129,26 +132,59 @@ def _read_image(image):
 
 
 def record_batches(source, preprocess: Callable, batch_size: int, *,
-                   with_captions: bool = False, num_threads: int = 0):
+                   with_captions: bool = False, num_threads: int = 0,
+                   rows=None, image_shape=None):
   """Yields the eval batches of `source` (module docstring).
 
   num_threads > 0 reads and preprocesses each batch's rows in that many
   threads (the output does not depend on it).
+
+  rows (positions in a batch, e.g. sharding.host_rows(mesh, batch_size)):
+  decode only those images, the ones this process's devices embed. Every
+  other entry still covers all rows (records are read, images are not).
+  Then 'image' is float32 [len(rows), *image_shape] (image_shape is
+  required: every process must agree on it), 'image_rows' int32 the rows
+  it holds, and 'image_mask' float32 [len(rows)] 1 where the image was
+  decoded; 'mask' and 'num_skipped' cover only records that could not be
+  read (the same on every process), decoding failures are combined across
+  processes by evals.embed.embed_batches.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be >= 1.")
+  if rows is not None:
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    if image_shape is None:
+      raise ValueError("record_batches(rows=...) needs image_shape.")
+    if len(rows) and (rows.min() < 0 or rows.max() >= batch_size):
+      raise ValueError(f"rows {rows.min()}..{rows.max()} are outside a "
+                       f"batch of {batch_size}.")
   n = len(source)
 
-  def load(index):
+  def read(index):
     try:
       record = source[index]
       if record.get("error"):
         raise ValueError(record["error"])
-      image = np.asarray(preprocess(_read_image(record.get("image"))),
-                         np.float32)
-      return record, image
+      return record, None
     except Exception as e:  # noqa: BLE001  Unreadable: masked and counted.
       return None, f"example {index}: {type(e).__name__}: {e}"
+
+  def decode(index, record):
+    try:
+      return np.asarray(preprocess(_read_image(record.get("image"))),
+                        np.float32), None
+    except Exception as e:  # noqa: BLE001  Unreadable: masked and counted.
+      return None, f"example {index}: {type(e).__name__}: {e}"
+
+  def load(index):
+    record, error = read(index)
+    if record is None:
+      return None, error
+    image, error = decode(index, record)
+    return (record, image) if image is not None else (None, error)
+
+  def pmap(fn, *args):
+    return list(pool.map(fn, *args) if pool else map(fn, *args))
 
   num_bad, first_error = 0, None
   pool = (concurrent.futures.ThreadPoolExecutor(num_threads)
@@ -156,16 +192,33 @@ def record_batches(source, preprocess: Callable, batch_size: int, *,
   try:
     for start in range(0, n, batch_size):
       indices = range(start, min(start + batch_size, n))
-      loaded = list(pool.map(load, indices) if pool else map(load, indices))
-      shape = next((img.shape for r, img in loaded if r is not None), None)
-      if shape is None:  # Every row unreadable: nothing to embed.
-        shape = (1, 1, 3)
-      images = np.zeros((batch_size, *shape), np.float32)
       label = np.full(batch_size, -1, np.int32)
       index = np.full(batch_size, -1, np.int32)
       mask = np.zeros(batch_size, np.float32)
       skipped = np.zeros(batch_size, np.int32)
       captions = [[] for _ in range(batch_size)]
+      if rows is None:
+        loaded = pmap(load, indices)
+        shape = image_shape or next(
+            (img.shape for r, img in loaded if r is not None), None)
+        if shape is None:  # Every row unreadable: nothing to embed.
+          shape = (1, 1, 3)
+        images = np.zeros((batch_size, *shape), np.float32)
+      else:
+        loaded = pmap(read, indices)
+        images = np.zeros((len(rows), *image_shape), np.float32)
+        image_mask = np.zeros(len(rows), np.float32)
+        mine = [(k, indices[r], loaded[r][0]) for k, r in enumerate(rows)
+                if r < len(indices) and loaded[r][0] is not None]
+        decoded = pmap(decode, [i for _, i, _ in mine],
+                       [record for _, _, record in mine])
+        for (k, _, _), (image, error) in zip(mine, decoded):
+          if image is None:
+            num_bad += 1
+            first_error = first_error or error
+            continue
+          _check_shape(image, tuple(image_shape), indices[rows[k]])
+          images[k], image_mask[k] = image, 1.0
       for row, (i, (record, image)) in enumerate(zip(indices, loaded)):
         index[row] = i
         if record is None:
@@ -173,11 +226,10 @@ def record_batches(source, preprocess: Callable, batch_size: int, *,
           num_bad += 1
           first_error = first_error or image
           continue
-        if image.shape != shape:
-          raise ValueError(
-              f"preprocess returned images of shapes {shape} and "
-              f"{image.shape} (example {i}); it must return one fixed shape.")
-        images[row], mask[row] = image, 1.0
+        if rows is None:
+          _check_shape(image, images.shape[1:], i)
+          images[row] = image
+        mask[row] = 1.0
         label[row] = int(record.get("label", -1))
         if with_captions:
           captions[row] = (list(record.get("captions") or [])
@@ -185,16 +237,28 @@ def record_batches(source, preprocess: Callable, batch_size: int, *,
                            else [np.asarray(record["tokens"], np.int32)])
       batch = {"image": images, "label": label, "index": index,
                "mask": mask, "num_skipped": skipped}
+      if rows is not None:
+        batch["image_rows"] = rows.astype(np.int32)
+        batch["image_mask"] = image_mask
       if with_captions:
         batch["captions"] = captions
       yield batch
   finally:
     if pool is not None:
       pool.shutdown()
-  if num_bad == n and n:
+  # With rows, a process sees only its own decoding failures: whether
+  # nothing at all was readable is decided after combining (embed_batches).
+  if num_bad == n and n and rows is None:
     raise ValueError(f"None of the {n} examples could be read; the first "
                      f"error: {first_error}")
   if num_bad:
     logging.warning("%d of %d eval examples could not be read (masked and "
                     "counted in num_skipped); the first: %s", num_bad, n,
                     first_error)
+
+
+def _check_shape(image, shape, index):
+  if image.shape != tuple(shape):
+    raise ValueError(
+        f"preprocess returned images of shapes {tuple(shape)} and "
+        f"{image.shape} (example {index}); it must return one fixed shape.")

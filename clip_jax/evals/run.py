@@ -61,6 +61,7 @@ import ml_collections
 import numpy as np
 
 from clip_jax import config as config_lib
+from clip_jax import sharding as sharding_lib
 from clip_jax.data import sources, transforms
 from clip_jax.evals import embed, linear_probe, readers, retrieval, zeroshot
 
@@ -225,10 +226,11 @@ class EvalData:
   """Iterable eval batches of one dataset, with its class names."""
 
   def __init__(self, source, preprocess, batch_size: int, *,
-               captions: bool = False, num_threads: int = 0):
+               captions: bool = False, num_threads: int = 0, rows=None,
+               image_shape=None):
     self.source, self.preprocess = source, preprocess
     self.batch_size, self.num_threads = batch_size, num_threads
-    self.captions = captions
+    self.captions, self.rows, self.image_shape = captions, rows, image_shape
     self.class_names = getattr(source, "class_names", None)
 
   def __len__(self):
@@ -238,12 +240,17 @@ class EvalData:
     return readers.record_batches(self.source, self.preprocess,
                                   self.batch_size,
                                   with_captions=self.captions,
-                                  num_threads=self.num_threads)
+                                  num_threads=self.num_threads,
+                                  rows=self.rows,
+                                  image_shape=self.image_shape)
 
 
 def make_batches_fn(data_config, *, batch_size: int = 256,
-                    num_threads: int = 0):
+                    num_threads: int = 0, rows=None):
   """make_batches(dataset overrides, captions=False) -> EvalData.
+
+  rows: decode only these rows of each batch (this process's devices' rows,
+  sharding.host_rows(mesh, batch_size)); None = every row.
 
   The dataset is config.data updated with the overrides. Sources:
   'image_folder' (readers.ClassFolderSource at path); 'tfds' without
@@ -278,7 +285,8 @@ def make_batches_fn(data_config, *, batch_size: int = 256,
                                   mean, std)
 
     return EvalData(source, preprocess, batch_size, captions=captions,
-                    num_threads=num_threads)
+                    num_threads=num_threads, rows=rows,
+                    image_shape=(size, size, 3))
 
   return make_batches
 
@@ -381,14 +389,15 @@ def run_all(config, model, params, mesh, names=None, *, evals=None,
       continue
     c = _as_dict(eval_config)
     start = time.perf_counter()
+    batch_size = embed.padded_size(
+        c.get("batch_size") or embed.DEFAULT_BATCH_SIZE, mesh.size)
+    # Each process decodes only the images its own devices embed.
     result = EVALUATORS[c["type"]](
         c, model=model, params=params, mesh=mesh, tokenize=tokenize,
         make_batches=make_batches or make_batches_fn(
-            config.data,
-            batch_size=embed.padded_size(
-                c.get("batch_size") or embed.DEFAULT_BATCH_SIZE,
-                mesh.size),
-            num_threads=c.get("num_threads") or 0))
+            config.data, batch_size=batch_size,
+            num_threads=c.get("num_threads") or 0,
+            rows=sharding_lib.host_rows(mesh, batch_size)))
     result["seconds"] = time.perf_counter() - start
     out.update({f"eval/{name}/{k}": v for k, v in result.items()})
   return out

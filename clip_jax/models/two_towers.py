@@ -32,6 +32,13 @@ Model config keys (`config.model`):
   text.pool         'eos' | 'last' | 'first' | 'mean' (see models/text.py).
   text.causal       causal self-attention (CLIP: True).
 
+Images: encode_image takes float images, already normalised, or uint8
+pixels [..., S, S, 3], which it normalises itself ((pixels / 255 - mean) /
+std, float32, the same steps as data.transforms.normalize): the input
+pipeline can ship uint8 (config.data.uint8_images), 4x fewer host-to-device
+bytes. mean/std are build_model's pixel_mean / pixel_std (the trainer passes
+config.data.mean / std); a model built without them refuses uint8.
+
 Params: {'img': ViT, 'txt': TextTransformer, 'img_proj', 'txt_proj'
 (bias-free Dense from each tower's width to embed_dim, kept outside the
 towers), 'logit_scale' (float32 scalar, log of the scale), 'logit_bias'
@@ -46,6 +53,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from clip_jax.models import common, text, vit
 
@@ -56,6 +64,17 @@ def l2_normalize(x, eps: float = 1e-12):
                                   eps))
 
 
+def normalize_pixels(pixels, mean, std):
+  """uint8 [..., 3] -> float32 (pixels / 255 - mean) / std, as x * scale -
+  offset with the constants data.transforms.normalize uses."""
+  scale = 1.0 / (255.0 * np.asarray(std, np.float32))
+  offset = np.asarray(mean, np.float32) / np.asarray(std, np.float32)
+  # XLA may fuse this into one multiply-add (rounding once where NumPy
+  # rounds twice): values then differ from the host's by one float32
+  # rounding, <= 1.2e-7 for CLIP's statistics.
+  return pixels.astype(jnp.float32) * scale - offset
+
+
 class TwoTowers(nn.Module):
   """(images, tokens) -> (zimg, ztxt, {'logit_scale', 'logit_bias'})."""
   img: nn.Module   # Image tower (params under 'img').
@@ -64,6 +83,8 @@ class TwoTowers(nn.Module):
   logit_scale_init: float
   logit_bias_init: float | None
   dtype: Any = jnp.float32
+  pixel_mean: tuple[float, ...] | None = None  # For uint8 images.
+  pixel_std: tuple[float, ...] | None = None
 
   def setup(self):
     self.img_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype)
@@ -78,6 +99,14 @@ class TwoTowers(nn.Module):
           jnp.float32)
 
   def encode_image(self, images, *, train: bool = False):
+    if images.dtype == jnp.uint8:
+      if self.pixel_mean is None or self.pixel_std is None:
+        raise ValueError(
+            "encode_image got uint8 pixels but the model has no pixel "
+            "mean/std; build it with build_model(config.model, pixel_mean="
+            "config.data.mean, pixel_std=config.data.std), or pass "
+            "normalised float images.")
+      images = normalize_pixels(images, self.pixel_mean, self.pixel_std)
     return l2_normalize(self.img_proj(self.img(images, train=train)))
 
   def encode_text(self, tokens, *, train: bool = False):
@@ -91,8 +120,21 @@ class TwoTowers(nn.Module):
                         "logit_bias": bias}
 
 
-def build_model(model_config) -> TwoTowers:
-  """The model a config describes (raises ValueError on a bad config)."""
+def build_model(model_config, *, pixel_mean=None,
+                pixel_std=None) -> TwoTowers:
+  """The model a config describes (raises ValueError on a bad config).
+
+  pixel_mean / pixel_std (config.data.mean / std): how encode_image
+  normalises uint8 images; None = it accepts only float images.
+  """
+  if (pixel_mean is None) != (pixel_std is None):
+    raise ValueError("build_model: give both pixel_mean and pixel_std, or "
+                     "neither.")
+  for name, value in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std)):
+    if value is not None and (len(value) != 3 or (
+        name == "pixel_std" and min(value) <= 0)):
+      raise ValueError(f"build_model: {name}={tuple(value)} must be 3 "
+                       "per-channel values (std > 0).")
   dtype = common.parse_dtype(model_config.dtype)
   common.get_activation(model_config.activation)
   shared = dict(activation=model_config.activation, dtype=dtype,
@@ -115,7 +157,9 @@ def build_model(model_config) -> TwoTowers:
       embed_dim=model_config.embed_dim,
       logit_scale_init=model_config.logit_scale_init,
       logit_bias_init=model_config.get("logit_bias_init"),
-      dtype=dtype)
+      dtype=dtype,
+      pixel_mean=None if pixel_mean is None else tuple(map(float, pixel_mean)),
+      pixel_std=None if pixel_std is None else tuple(map(float, pixel_std)))
 
 
 def validate_model_config(model_config) -> None:
