@@ -2,7 +2,8 @@
 
   python tests/_train_worker.py WORKDIR TOTAL_STEPS PROCESS_ID NUM_PROCESSES
       PORT LOCAL_DEVICES [--allow_config_change] [--step_sleep=SECONDS]
-      [--slow_commit_step=STEP] [overrides: key=python literal ...]
+      [--slow_commit_step=STEP] [--max_file_bytes=N]
+      [overrides: key=python literal ...]
 
 Every process feeds its own contiguous slice of the same global batches, so
 a run over several processes must match a single-process run exactly. The
@@ -11,7 +12,9 @@ stream reports process p as having skipped p + 1 bad examples per batch
 run over k processes must be s * k * (k + 1) / 2.
 --step_sleep slows each batch down (so a signal lands mid-run);
 --slow_commit_step makes orbax wait 600 s before committing that
-checkpoint (the temporary directory stays half-written until then).
+checkpoint (the temporary directory stays half-written until then);
+--max_file_bytes makes writing a larger file fail as on a full disk
+(RLIMIT_FSIZE: EFBIG).
 Exits with the run's exit status. Used by test_multiprocess.py and
 test_checkpoint.py (each run is a new process: resuming starts from disk).
 """
@@ -94,6 +97,12 @@ def main():
   config.update_from_flattened_dict({
       key: ast.literal_eval(value)
       for key, value in (item.split("=", 1) for item in overrides)})
+  if "max_file_bytes" in options:
+    import resource  # pylint: disable=g-import-not-at-top
+    import signal  # pylint: disable=g-import-not-at-top
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not a kill.
+    limit = int(options["max_file_bytes"])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
   if "slow_commit_step" in options:
     slow_down_commit(int(options["slow_commit_step"]))
   stream = synthetic_stream(config, int(pid), int(nproc),

@@ -157,3 +157,16 @@ def test_sigkill_while_committing_keeps_the_previous_checkpoint(tmp_path):
   assert [r["step"] for r in resumed] == list(range(1, total + 1))
   np.testing.assert_array_equal([r["loss"] for r in resumed],
                                 [r["loss"] for r in straight])
+
+
+@pytest.mark.slow
+def test_full_disk_at_the_first_save_stops_naming_the_path(tmp_path):
+  # Files larger than 64 KB fail to write (EFBIG), like a full disk: the
+  # write probe passes, the first checkpoint's arrays do not.
+  workdir = tmp_path / "full"
+  codes, outputs = run(workdir, 6, 1, 8, "--max_file_bytes=65536",
+                       "checkpoint_every_steps=2")
+  assert codes == [1], outputs[0][-3000:]
+  assert "CheckpointError" in outputs[0]
+  assert f"{workdir}/checkpoints" in outputs[0]
+  assert "[step 6/" not in outputs[0]  # Stopped at the failed save.

@@ -150,3 +150,39 @@ def test_resume_drops_metrics_past_the_checkpoint(tmp_path):
   # Starting over (no checkpoint): nothing of the old log survives.
   assert metrics_lib.truncate_jsonl(str(path), -1) == 5
   assert path.read_text() == ""
+
+
+def test_too_many_consecutive_nonfinite_steps_stop_naming_the_checkpoint(
+    tmp_path, monkeypatch):
+  """The loop reads the step's non-finite counters (faked here: steps 4 and
+  on are 'bad') and stops at the log step where the streak reaches
+  config.max_consecutive_nonfinite, naming the last checkpoint before it."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from clip_jax import train_state  # pylint: disable=g-import-not-at-top
+  make_step = train_state.make_train_step
+
+  def make_faked_step(*args, **kwargs):
+    step_fn = make_step(*args, **kwargs)
+
+    def faked(state, batch):
+      state, metrics = step_fn(state, batch)
+      bad = jnp.maximum(state["step"] - 3, 0)  # Steps 4, 5, ... are bad.
+      metrics = {**metrics, "train/nonfinite_consecutive": bad,
+                 "train/nonfinite_steps": bad}
+      return state, metrics
+    return faked
+
+  monkeypatch.setattr(train_state, "make_train_step", make_faked_step)
+  config = tiny_config(total_steps=10, checkpoint_every_steps=2)
+  config.max_consecutive_nonfinite = 3
+  with pytest.raises(train.NonFiniteError) as error:
+    run(config, tmp_path / "run")
+  # Steps 4, 5, 6 make 3 in a row: the stop is at step 6; the checkpoints
+  # before step 4 are 2 (step 4's was written inside the streak).
+  message = str(error.value)
+  assert "3 consecutive steps up to step 6" in message
+  assert f"step 2 in {tmp_path / 'run' / 'checkpoints'}" in message
+  steps = [json.loads(line)["step"] for line in
+           (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [1, 2, 3, 4, 5, 6]

@@ -64,3 +64,28 @@ def test_folder_training_exits_with_status_0_every_time(tmp_path):
   assert not failed, f"{len(failed)} of {RUNS} runs failed: {failed[0]}"
   for _, out in results:
     assert "[step 20/20" in out
+
+
+def test_training_leaves_no_thread_running(tmp_path):
+  """Every thread the run started (the input pipeline's prefetch and read
+  threads, orbax's writers, TensorBoard's) has ended when train returns:
+  nothing is left for the interpreter's shutdown to kill mid-call."""
+  import threading  # pylint: disable=g-import-not-at-top
+
+  from clip_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from clip_jax import train  # pylint: disable=g-import-not-at-top
+  data = str(tmp_path / "data")
+  captions = make_folder(data, n=64)
+  tokenizer = str(tmp_path / "tok.model")
+  tokenizer_lib.train(captions, 64, tokenizer)
+  config = config_lib.load_config_file("configs/clip.py", "tiny,batch=16")
+  config.total_steps = 6
+  config.checkpoint_every_steps = 3
+  config.data.update(source="folder", path=data, tokenizer=tokenizer,
+                     read_threads=2)
+  before = set(threading.enumerate())
+  result = train.train(config, str(tmp_path / "run"))
+  assert result.exit_code == 0
+  alive = [t.name for t in set(threading.enumerate()) - before
+           if t.is_alive()]
+  assert not alive, alive
