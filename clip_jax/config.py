@@ -477,19 +477,93 @@ def validate(config, *, device_count: int, process_count: int = 1) -> None:
     check(config, device_count=device_count, process_count=process_count)
 
 
-def save(config, workdir: str) -> str:
-  """Writes the resolved config to `workdir/config.json` (and .yaml-ish str)."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  with open(path, "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  with open(os.path.join(workdir, "config.txt"), "w") as f:
-    f.write(str(config))
-  return path
+# Keys that may change when a run resumes, without --allow_config_change:
+# they change what is measured, logged or kept, or how fast the data is
+# read, never the model, the optimiser, the schedule or the data order.
+# A key listed here covers the keys below it (`evals` covers evals.*).
+RESUMABLE_KEYS = (
+    "evals", "log_every_steps", "checkpoint_every_steps",
+    "keep_checkpoints", "max_consecutive_nonfinite",
+    "data.worker_count", "data.read_threads", "data.prefetch",
+    "data.cache_dir", "data.max_skip_fraction",
+)
+MISSING = "<unset>"  # A key one of two configs does not have (in diffs).
+SEGMENTS_DIR = "configs"
+
+
+def to_flat_dict(config) -> dict:
+  """{'a.b.c': value} with JSON types (tuples become lists), as saved."""
+  tree = json.loads(config.to_json_best_effort(sort_keys=True))
+
+  def flatten(prefix, node, out):
+    if isinstance(node, dict) and node:
+      for key, value in node.items():
+        flatten(f"{prefix}{key}.", value, out)
+    else:
+      out[prefix[:-1]] = node
+    return out
+
+  return flatten("", tree, {})
+
+
+def config_diff(old, new) -> dict:
+  """{key: (old value, new value)} for every key that differs; MISSING for
+  a key only one of the two configs has."""
+  old, new = to_flat_dict(old), to_flat_dict(new)
+  return {k: (old.get(k, MISSING), new.get(k, MISSING))
+          for k in sorted(set(old) | set(new))
+          if old.get(k, MISSING) != new.get(k, MISSING)}
+
+
+def format_diff(diff: dict) -> str:
+  return "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+
+
+def resumable_key(key: str) -> bool:
+  """True if `key` may change on resume without --allow_config_change."""
+  return any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS)
+
+
+def _write_atomically(path: str, text: str) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)  # Never a half-written config.
+
+
+def save(config, workdir: str, *, start_step: int = 0) -> str:
+  """Writes the config of a run segment that starts at `start_step`.
+
+  `workdir/config.json` is the config of the latest segment (what
+  `load` and `python -m clip_jax.evaluate` read); every segment also keeps
+  its own `workdir/configs/segment_<n>_step_<start_step>.json`, n = 1, 2,
+  ... in order, so the history of a resumed run is never overwritten.
+  Returns the segment file's path.
+  """
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  history = os.path.join(workdir, SEGMENTS_DIR)
+  os.makedirs(history, exist_ok=True)
+  n = 1 + len(segment_files(workdir))
+  segment = os.path.join(history, f"segment_{n}_step_{start_step}.json")
+  _write_atomically(segment, text)
+  _write_atomically(os.path.join(workdir, "config.json"), text)
+  _write_atomically(os.path.join(workdir, "config.txt"), str(config))
+  return segment
+
+
+def segment_files(workdir: str) -> list[str]:
+  """The saved segment configs of a run, oldest first."""
+  history = os.path.join(workdir, SEGMENTS_DIR)
+  if not os.path.isdir(history):
+    return []
+  names = [n for n in os.listdir(history)
+           if n.startswith("segment_") and n.endswith(".json")]
+  names.sort(key=lambda n: int(n.split("_")[1]))
+  return [os.path.join(history, n) for n in names]
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:
-  """Reads the config a run saved with `save`."""
+  """Reads the config a run saved with `save` (its latest segment)."""
   with open(os.path.join(workdir, "config.json")) as f:
     return ml_collections.ConfigDict(json.load(f))
 

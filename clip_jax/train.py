@@ -1,29 +1,51 @@
 r"""Trains a two-tower contrastive model.
 
   python -m clip_jax.train --config configs/clip.py:model=B/16,loss=sigmoid \
-      --workdir runs/x [--config.lr=1e-3 ...]
+      --workdir runs/x [--config.lr=1e-3 ...] [--allow_config_change]
 
-A workdir that already has checkpoints resumes from the latest one. On
-SIGTERM (pre-emption) the run writes a checkpoint of the current step and
-exits. Multi-process runs (TPU pods, GPU clusters, or several local CPU
-processes) call jax.distributed.initialize: automatically on clusters it
-detects, or from --coordinator_address/--num_processes/--process_id.
+Multi-process runs (TPU pods, GPU clusters, or several local CPU processes)
+call jax.distributed.initialize: automatically on clusters it detects
+(--distributed), or from --coordinator_address/--num_processes/--process_id.
+
+Resuming. A workdir that already has checkpoints resumes from the latest
+committed one (a half-written checkpoint is never used). The stored and the
+new config are compared first and their differences printed; keys in
+config.RESUMABLE_KEYS (evals, logging and checkpoint cadence, data reading
+speed) may change freely, any other change needs --allow_config_change, and
+a change of parameter shapes always fails, naming the keys. Nothing is
+written before these checks pass. Each run segment's config is kept in
+workdir/configs/. The learning-rate schedule is a function of the step and
+the total length: extending a run (total_* larger) recomputes it for the new
+length from the resumed step on (the resume message shows the lr jump).
+
+Stopping early. SIGTERM (pre-emption) or Ctrl-C makes every process stop at
+one agreed step (clip_jax/preemption.py), write a checkpoint of it and exit
+with status EXIT_RESUMABLE (75, sysexits' EX_TEMPFAIL): run the same command
+again to resume. A second Ctrl-C aborts without a checkpoint. Exit statuses:
+  0   the run is complete (also when re-run on a complete workdir);
+  75  stopped early with a checkpoint: re-run the same command to resume;
+  1   an error (bad config, unwritable workdir, too many consecutive
+      non-finite steps, ...): re-running will not help until it is fixed.
 """
 
 from __future__ import annotations
 
-import signal
+import dataclasses
+import shlex
+import sys
 import time
 
 import jax
 import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import config as config_lib
 from clip_jax import losses, optim, train_state
 from clip_jax import metrics as metrics_lib
+from clip_jax import preemption as preemption_lib
 from clip_jax import sharding as sharding_lib
 from clip_jax.evals import run as eval_run
 from clip_jax.models import two_towers
@@ -38,6 +60,12 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 (multi-process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Resume a workdir with a config that differs from the stored one in "
+    "keys other than config.RESUMABLE_KEYS (parameter shapes must match).")
+
+EXIT_RESUMABLE = 75  # sysexits.h EX_TEMPFAIL: stopped early, re-run resumes.
 
 
 def init_distributed() -> None:
@@ -49,19 +77,21 @@ def init_distributed() -> None:
     jax.distributed.initialize()
 
 
-class _Preemption:
-  """Remembers a SIGTERM so the loop can checkpoint and stop cleanly."""
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps had a non-finite loss or gradient."""
 
-  def __init__(self):
-    self.requested = False
-    try:
-      signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread (e.g. called from a test).
-      pass
 
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+@dataclasses.dataclass
+class TrainResult:
+  """What `train` did: the last logged metrics and where it stopped."""
+  metrics: dict
+  step: int
+  total_steps: int
+  stopped_by: str | None = None  # The signal, if stopped early.
+
+  @property
+  def exit_code(self) -> int:
+    return EXIT_RESUMABLE if self.step < self.total_steps else 0
 
 
 def make_train_data(config):
@@ -82,25 +112,120 @@ def make_train_data(config):
       tokenizer=tokenizer)
 
 
-def train(config, workdir: str, *, data=None):
-  """Runs (or resumes) training; returns the last logged metrics.
+def check_resume(config, stored, *, workdir: str, step: int,
+                 mismatches: list, allow_change: bool, schedules) -> str:
+  """The message describing a resume, or a ValueError if it may not go on.
+
+  `stored`: the config saved by the run (None if there is none);
+  `mismatches`: checkpoint_lib.Checkpointer.param_mismatches;
+  `schedules`: (old lr schedule, new lr schedule) or None, to show what a
+  changed total length does to the learning rate at `step`.
+  """
+  diff = {} if stored is None else config_lib.config_diff(stored, config)
+  shown = config_lib.format_diff(diff)
+  if mismatches:
+    raise ValueError(
+        f"Cannot resume {workdir} (checkpoint {step}) with this config: "
+        f"its parameters have other shapes ({'; '.join(mismatches[:3])}"
+        f"{'; ...' if len(mismatches) > 3 else ''}). The config keys that "
+        f"differ from the stored config.json:\n{shown or '  (none)'}\n"
+        "Nothing was changed. Use the stored config (drop these overrides) "
+        "or a new --workdir.")
+  locked = {k: v for k, v in diff.items() if not config_lib.resumable_key(k)}
+  if locked and not allow_change:
+    raise ValueError(
+        f"Resuming {workdir} (checkpoint {step}) with a changed config:\n"
+        f"{config_lib.format_diff(locked)}\nThese keys change the training "
+        "itself. Pass --allow_config_change to resume with them anyway, or "
+        "drop the overrides. Nothing was changed.")
+  message = f"Resuming from checkpoint {step} in {workdir}."
+  if diff:
+    message += f" Config changes since the last segment:\n{shown}"
+  if schedules is not None:
+    old_lr, new_lr = (float(s(step)) for s in schedules)
+    if old_lr != new_lr:
+      message += (f"\nThe lr schedule is recomputed for the new length: lr "
+                  f"at step {step} goes from {old_lr:.3g} to {new_lr:.3g}.")
+  return message
+
+
+def _schedules(stored, config, *, total_steps, warmup_steps, dataset_size):
+  """(stored run's lr schedule, this one's) if the length changed."""
+  if stored is None:
+    return None
+  kw = dict(batch_size=config.batch_size, dataset_size=dataset_size)
+  try:
+    old_total = config_lib.steps("total", stored, **kw)
+    old_warmup = config_lib.steps("warmup", stored, default=0, **kw)
+    old = optim.make_schedule(stored, total_steps=old_total,
+                              warmup_steps=old_warmup)
+  except (ValueError, KeyError, AttributeError):
+    return None
+  new = optim.make_schedule(config, total_steps=total_steps,
+                            warmup_steps=warmup_steps)
+  return old, new
+
+
+def _summed_over_processes(value: int) -> int:
+  """A per-process counter's sum over processes (a collective)."""
+  if jax.process_count() == 1:
+    return int(value)
+  gathered = multihost_utils.process_allgather(np.asarray(value, np.int64))
+  return int(np.sum(gathered))
+
+
+def _last_checkpoint_before(ckpt, step: int):
+  steps = [s for s in ckpt.all_steps() if s <= step]
+  return steps[-1] if steps else None
+
+
+def _close_quietly(iterator) -> None:
+  close = getattr(iterator, "close", None)
+  if close is not None:
+    close()
+
+
+def train(config, workdir: str, *, data=None,
+          allow_config_change: bool = False,
+          resume_command: str | None = None) -> TrainResult:
+  """Runs (or resumes) training to config's total length, or until a
+  pre-emption notice / Ctrl-C (then the result's exit_code is
+  EXIT_RESUMABLE). See the module docstring for the resume rules.
 
   `data` overrides the config's input with (iterator, dataset_size): an
   iterator of per-process numpy batches {'image', 'text'} (used by tests).
+  `resume_command`: shown in the message after an early stop.
   """
   config_lib.validate(config, device_count=jax.device_count(),
                       process_count=jax.process_count())
   is_main = jax.process_index() == 0
-  if is_main:
-    config_lib.save(config, workdir)
+  # Fails here, before any training, if the workdir cannot be written.
+  checkpoint_lib.probe_writable(workdir)
+  ckpt = checkpoint_lib.Checkpointer(
+      workdir, every_steps=config.checkpoint_every_steps,
+      keep=config.keep_checkpoints)
+  data_iter = None
+  try:
+    data_iter, dataset_size = (data if data is not None else
+                               make_train_data(config))
+    return _train(config, workdir, ckpt, data_iter, dataset_size,
+                  is_main=is_main, allow_config_change=allow_config_change,
+                  resume_command=resume_command)
+  finally:
+    # In this order: the input threads and worker processes, then orbax's
+    # last write and its threads. Nothing may be left running when the
+    # interpreter shuts down.
+    _close_quietly(data_iter)
+    ckpt.close()
+
+
+def _train(config, workdir, ckpt, data_iter, dataset_size, *, is_main,
+           allow_config_change, resume_command) -> TrainResult:
   mesh = sharding_lib.make_mesh(config.mesh)
   model = two_towers.build_model(
       config.model, pixel_mean=config.data.get("mean"),
       pixel_std=config.data.get("std"))
   loss_fn = losses.get_loss(config.loss)
-
-  data_iter, dataset_size = (data if data is not None else
-                             make_train_data(config))
   total_steps = config_lib.steps("total", config, batch_size=config.batch_size,
                                  dataset_size=dataset_size)
   warmup_steps = config_lib.steps("warmup", config,
@@ -113,16 +238,51 @@ def train(config, workdir: str, *, data=None):
   shapes, shardings, init = train_state.abstract_state(model, tx, config, mesh)
   eval_run.validate(config, dataset_size=dataset_size)  # Before compiling.
 
-  ckpt = checkpoint_lib.Checkpointer(
-      workdir, every_steps=config.checkpoint_every_steps,
-      keep=config.keep_checkpoints)
-  # Only a grain iterator has a checkpointable state.
-  checkpointed_iter = data_iter if hasattr(data_iter, "get_state") else None
-  writer = metrics_lib.MetricWriter(workdir, total_steps=total_steps,
-                                    enabled=is_main)
+  # Every check of a resume comes before anything is written.
   latest = ckpt.latest_step()
   if latest is not None:
-    writer.log(f"Resuming from {ckpt.directory}/{latest}")
+    try:
+      stored = config_lib.load(workdir)
+    except FileNotFoundError:
+      stored = None
+    message = check_resume(
+        config, stored, workdir=workdir, step=latest,
+        mismatches=ckpt.param_mismatches(latest, param_shapes),
+        allow_change=allow_config_change,
+        schedules=_schedules(stored, config, total_steps=total_steps,
+                             warmup_steps=warmup_steps,
+                             dataset_size=dataset_size))
+    if latest >= total_steps:  # Nothing to do: write nothing either.
+      if is_main:
+        print(message, flush=True)
+        print(f"The run in {workdir} is already complete (checkpoint "
+              f"{latest} of {total_steps} steps); nothing to do. To train "
+              "longer, raise config.total_* with --allow_config_change.",
+              flush=True)
+      return TrainResult({}, latest, total_steps)
+  if is_main:
+    config_lib.save(config, workdir, start_step=latest or 0)
+  writer = metrics_lib.MetricWriter(
+      workdir, total_steps=total_steps, enabled=is_main,
+      resume_step=-1 if latest is None else latest)
+  try:
+    if latest is not None:
+      writer.log(message)
+    return _loop(config, workdir, ckpt, writer, data_iter, dataset_size,
+                 model=model, loss_fn=loss_fn, tx=tx, schedule=schedule,
+                 mesh=mesh, shapes=shapes, shardings=shardings, init=init,
+                 param_shapes=param_shapes, latest=latest,
+                 total_steps=total_steps, resume_command=resume_command)
+  finally:
+    writer.close()
+
+
+def _loop(config, workdir, ckpt, writer, data_iter, dataset_size, *, model,
+          loss_fn, tx, schedule, mesh, shapes, shardings, init, param_shapes,
+          latest, total_steps, resume_command) -> TrainResult:
+  # Only a grain iterator has a checkpointable state.
+  checkpointed_iter = data_iter if hasattr(data_iter, "get_state") else None
+  if latest is not None:
     state = ckpt.restore(
         latest, checkpoint_lib.abstract_with_shardings(shapes, shardings),
         checkpointed_iter)
@@ -138,10 +298,17 @@ def train(config, workdir: str, *, data=None):
       model, tx, loss_fn, schedule, mesh, shardings,
       max_log_logit_scale=two_towers.max_log_logit_scale(config.model),
       accum_steps=config.accum_steps, accum_mode=config.accum_mode)
-  preemption = _Preemption()
   has_bias = config.model.get("logit_bias_init") is not None
+  max_nonfinite = config.get("max_consecutive_nonfinite") or 0
   step = int(jax.device_get(state["step"]))
-  last_metrics, skipped = {}, 0
+  last_metrics = {}
+  # This process's bad examples: the data iterator's own count (restored
+  # with its state, so a run total) or, for other iterators, a count of
+  # this segment's batches.
+  counted_skips = 0
+
+  def local_skipped():
+    return getattr(data_iter, "num_skipped", counted_skips)
 
   def run_evals(step):
     names = eval_run.due(config, step, total_steps,
@@ -156,43 +323,69 @@ def train(config, workdir: str, *, data=None):
 
   if step == 0:
     last_metrics.update(run_evals(0))
+  stop = preemption_lib.StopRequest(ckpt.reached_preemption)
   window_start, window_steps = None, 0
-  while step < total_steps:
-    local_batch = next(data_iter)
-    skipped += int(np.sum(local_batch.pop("num_skipped", 0)))
-    batch = sharding_lib.host_to_global(
-        {k: local_batch[k] for k in ("image", "text")}, mesh)
-    state, metrics = step_fn(state, batch)
-    step += 1
-    window_steps += 1
-    if window_start is None:
-      # The first step includes compilation: time from its end onwards.
-      jax.block_until_ready(metrics)
-      window_start, window_steps = time.perf_counter(), 0
-    if step % config.log_every_steps == 0 or step == total_steps:
-      metrics = jax.device_get(metrics)  # The loop's only host sync.
-      if not has_bias:
-        metrics.pop("logit_bias")
-      elapsed = time.perf_counter() - window_start
-      if window_steps:
-        metrics["examples_per_sec"] = (
-            window_steps * config.batch_size / elapsed)
-      metrics["data/skipped"] = skipped
-      writer.write(step, metrics)
-      last_metrics.update(metrics)
-      window_start, window_steps = time.perf_counter(), 0
-    evals = run_evals(step)
-    if evals:
-      last_metrics.update(evals)
-      window_start, window_steps = time.perf_counter(), 0  # Not training.
-    if ckpt.should_save(step) or step == total_steps or preemption.requested:
-      ckpt.save(step, state, checkpointed_iter)
-    if preemption.requested:
-      writer.log(f"SIGTERM: saved checkpoint {step}, stopping.")
-      break
-  ckpt.close()
-  writer.close()
-  return last_metrics
+  with stop:
+    while step < total_steps:
+      local_batch = next(data_iter)
+      counted_skips += int(np.sum(local_batch.pop("num_skipped", 0)))
+      batch = sharding_lib.host_to_global(
+          {k: local_batch[k] for k in ("image", "text")}, mesh)
+      state, metrics = step_fn(state, batch)
+      step += 1
+      window_steps += 1
+      if window_start is None:
+        # The first step includes compilation: time from its end onwards.
+        jax.block_until_ready(metrics)
+        window_start, window_steps = time.perf_counter(), 0
+      # Every process asks at every step; all get the same answer.
+      stopping = stop.should_stop(step) and step < total_steps
+      if (step % config.log_every_steps == 0 or step == total_steps
+          or stopping):
+        metrics = jax.device_get(metrics)  # The loop's only host sync.
+        if not has_bias:
+          metrics.pop("logit_bias", None)
+        elapsed = time.perf_counter() - window_start
+        if window_steps:
+          metrics["examples_per_sec"] = (
+              window_steps * config.batch_size / elapsed)
+        metrics["data/skipped"] = _summed_over_processes(local_skipped())
+        writer.write(step, metrics)
+        last_metrics.update(metrics)
+        window_start, window_steps = time.perf_counter(), 0
+        bad_run = int(metrics.get("train/nonfinite_consecutive", 0))
+        if max_nonfinite and bad_run >= max_nonfinite:
+          ckpt.wait()
+          good = _last_checkpoint_before(ckpt, step - bad_run)
+          raise NonFiniteError(
+              f"{bad_run} consecutive steps up to step {step} had a "
+              "non-finite loss or gradient (config.max_consecutive_nonfinite"
+              f"={max_nonfinite}; "
+              f"{int(metrics.get('train/nonfinite_steps', bad_run))} in the "
+              "whole run); their updates were skipped. The last checkpoint "
+              "before them: "
+              + (f"step {good} in {ckpt.directory}." if good is not None
+                 else "none.")
+              + " Lower config.lr or check the data before resuming.")
+      if not stopping:
+        evals = run_evals(step)
+        if evals:
+          last_metrics.update(evals)
+          window_start, window_steps = time.perf_counter(), 0  # Not training.
+      if ckpt.should_save(step) or step == total_steps or stopping:
+        ckpt.save(step, state, checkpointed_iter)
+      if stopping:
+        ckpt.wait()
+        command = resume_command or "the same command"
+        writer.log(
+            f"Stopped early ({stop.signal_name or 'pre-emption notice'}) at "
+            f"step {step} of {total_steps}; checkpoint {step} is saved in "
+            f"{ckpt.directory}. To resume, run {command} again (same "
+            f"--workdir). Exit status {EXIT_RESUMABLE}.",
+            all_processes=True)
+        return TrainResult(last_metrics, step, total_steps,
+                           stop.signal_name or "pre-emption")
+  return TrainResult(last_metrics, step, total_steps)
 
 
 def main(argv):
@@ -203,7 +396,11 @@ def main(argv):
   # orbax logs every save step at INFO; keep stdout for the run's metrics.
   logging.set_verbosity(logging.WARNING)
   init_distributed()
-  train(_CONFIG.value, _WORKDIR.value)
+  command = shlex.join(["python", "-m", "clip_jax.train", *sys.argv[1:]])
+  result = train(_CONFIG.value, _WORKDIR.value,
+                 allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+                 resume_command=command)
+  return result.exit_code  # app.run exits with it.
 
 
 if __name__ == "__main__":
