@@ -21,8 +21,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from clip_jax import checkpoint as checkpoint_lib
+from clip_jax import cli, losses, optim, train_state
 from clip_jax import config as config_lib
-from clip_jax import losses, optim, train_state
 from clip_jax import metrics as metrics_lib
 from clip_jax import sharding as sharding_lib
 from clip_jax.evals import run as eval_run
@@ -204,4 +204,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -114,3 +114,39 @@ def test_emoji_tokenizer_is_cached(tmp_path):
   assert first.vocab_size <= 256
   # Trained on emoji names: a whole common word is one piece.
   assert len(first.processor.encode("face")) == 1
+
+
+def test_a_smaller_vocabulary_than_asked_warns_and_says_why(tmp_path):
+  with pytest.warns(tokenizer_lib.VocabularyTooSmallWarning) as record:
+    tok = tokenizer_lib.train(CORPUS, 8000, str(tmp_path / "big.model"))
+  got = tok.processor.get_piece_size()  # sentencepiece's own count.
+  assert got < 8000
+  message = str(record[0].message)
+  assert f"has {got} tokens, not the 8000 asked for" in message
+  assert "corpus is too small" in message
+  assert f"{len(set(CORPUS))} lines" not in message  # Lines, not distinct.
+  assert f"{len(CORPUS)} lines" in message
+
+
+def test_a_vocabulary_of_the_size_asked_does_not_warn(tmp_path):
+  import warnings
+  size = tokenizer_lib.train(CORPUS, 8000).vocab_size
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", tokenizer_lib.VocabularyTooSmallWarning)
+    tok = tokenizer_lib.train(CORPUS, size, str(tmp_path / "fit.model"))
+  assert tok.vocab_size == size
+
+
+def test_cli_prints_the_shortfall_as_one_warning_line(tmp_path):
+  import subprocess
+  import sys
+  corpus = tmp_path / "captions.txt"
+  corpus.write_text("a cat\na dog\n")
+  proc = subprocess.run(
+      [sys.executable, "-m", "clip_jax.data.tokenizer", "train", "--input",
+       str(corpus), "--vocab_size", "8000", "--output",
+       str(tmp_path / "t.model")], capture_output=True, text=True,
+      timeout=120, check=True)
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("warning: ")
+  assert "not the 8000 asked for" in lines[0]
