@@ -83,6 +83,34 @@ def user_error_message(error: BaseException) -> str | None:
   return None
 
 
+# ------------------------------------------- evals from the command line ----
+
+
+def zeroshot_folder_eval(spec: str, templates: str | None = None):
+  """(name, eval config) of a zero-shot eval on an image folder.
+
+  `spec` is 'PATH' or 'PATH:TEMPLATES' (PATH/<class name>/*.png|jpg;
+  TEMPLATES comma-separated set names, aliases resolved, default 'none').
+  The eval is named after the folder: 'zeroshot_<folder name>'.
+  """
+  from clip_jax.evals import templates as templates_lib  # pylint: disable=g-import-not-at-top
+  path, _, given = spec.partition(":")
+  templates = given or templates or "none"
+  names = [templates_lib.resolve_name(t) for t in templates.split(",") if t]
+  if not names:
+    raise UserError(f"{spec!r} names no template set; valid: "
+                    f"{', '.join(sorted(templates_lib.TEMPLATES))}.")
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise UserError(
+        f"Zero-shot folder {path!r} is not a directory; give a folder ROOT "
+        "with ROOT/<class name>/*.png|jpg.")
+  label = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(path)) or "root"
+  return f"zeroshot_{label}", dict(
+      type="zeroshot", source="image_folder", path=path, split="test",
+      templates=names if len(names) > 1 else names[0])
+
+
 # ------------------------------------------------ errors at flag parsing ----
 
 _DID_YOU_MEAN = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"')
@@ -141,7 +169,7 @@ def flag_error_message(error: BaseException, argv) -> str | None:
     last = re.sub(r"^\w+(Error|Exception): ", "", last.strip())
     return one_line(f"in the config argument: {last}")
   if isinstance(error, flags.Error):
-    return one_line(text) + " (--helpfull lists the flags)."
+    return one_line(text).rstrip(".") + " (--helpfull lists the flags)."
   if isinstance(error, (ValueError, TypeError, OSError)):
     return one_line(text)
   return None
@@ -185,7 +213,7 @@ def guard(main, argv_for_verbose=None):
       if message is None or verbose_requested(argv_for_verbose or sys.argv):
         raise
       if isinstance(e, app.UsageError):
-        message += " (--help lists the flags)."
+        message = message.rstrip(".") + " (--help lists the flags)."
       _fail(message)
   return guarded
 

@@ -25,19 +25,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 
 import jax
 from absl import app, flags, logging
 
-from clip_jax import checkpoint as checkpoint_lib
-from clip_jax import cli, optim, train_state
-from clip_jax import config as config_lib
-from clip_jax import sharding as sharding_lib
+from clip_jax import api, cli
 from clip_jax.evals import run as eval_run
 from clip_jax.evals import templates as templates_lib
-from clip_jax.models import two_towers
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default last).")
@@ -52,66 +47,17 @@ _WITH_CONFIG = flags.DEFINE_bool(
     "with_config_evals", False, "Also run config.evals with ad-hoc sets.")
 
 
-def adhoc_zeroshot_eval(folder: str, templates: str = "none"):
-  """(name, eval config) of a zero-shot eval on an image folder.
-
-  `templates`: comma-separated template-set names (aliases resolved).
-  """
-  names = [templates_lib.resolve_name(t) for t in templates.split(",") if t]
-  if not names:
-    raise ValueError(f"--templates={templates!r} names no template set; "
-                     f"valid: {', '.join(sorted(templates_lib.TEMPLATES))}.")
-  path = os.path.abspath(os.path.expanduser(folder))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(
-        f"Zero-shot folder {folder!r} is not a directory; give a folder "
-        "ROOT with ROOT/<class name>/*.png|jpg.")
-  label = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(path)) or "root"
-  return f"zeroshot_{label}", dict(
-      type="zeroshot", source="image_folder", path=path, split="test",
-      templates=names if len(names) > 1 else names[0])
-
-
 def adhoc_evals(zeroshot_folder, templates, retrieval_path) -> dict:
   """Eval configs for the command line's ad-hoc sets."""
   evals = {}
   if zeroshot_folder:
-    name, eval_config = adhoc_zeroshot_eval(zeroshot_folder, templates)
+    name, eval_config = cli.zeroshot_folder_eval(zeroshot_folder, templates)
     evals[name] = eval_config
   if retrieval_path:
     evals["retrieval"] = dict(type="retrieval", source="folder",
                               path=os.path.abspath(retrieval_path),
                               split="test")
   return evals
-
-
-def restore_params(config, workdir: str, step: int | None):
-  """(model, params on the mesh, mesh, step) of a run's checkpoint."""
-  mesh = sharding_lib.make_mesh(config.mesh)
-  model = two_towers.build_model(config.model)
-  # The optimiser's state structure does not depend on the schedule's
-  # length, so any length rebuilds the tree the run saved.
-  tx, _ = optim.make_optimizer(config, train_state.param_shapes(model, config),
-                               total_steps=1, warmup_steps=0)
-  shapes, shardings, _ = train_state.abstract_state(model, tx, config, mesh)
-  ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=0, keep=10**6,
-                                     async_save=False)
-  available = sorted(ckpt.manager.all_steps())
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    ckpt.close()
-    raise FileNotFoundError(
-        f"No checkpoint in {ckpt.directory}; train first or pass a workdir "
-        "that has checkpoints.")
-  if step not in available:
-    ckpt.close()
-    raise FileNotFoundError(
-        f"No checkpoint of step {step} in {ckpt.directory}; steps saved: "
-        f"{', '.join(map(str, available))} (--step; default the latest).")
-  state = ckpt.restore(
-      step, checkpoint_lib.abstract_with_shardings(shapes, shardings))
-  ckpt.close()
-  return model, state["params"], mesh, step
 
 
 def format_table(results: dict) -> str:
@@ -152,11 +98,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required.")
-  if not os.path.isfile(os.path.join(_WORKDIR.value, "config.json")):
-    raise FileNotFoundError(
-        f"{_WORKDIR.value!r} has no config.json: not a clip_jax run "
-        "directory (give the --workdir a training run wrote).")
-  config = config_lib.load(_WORKDIR.value)
+  config = api.load_run_config(_WORKDIR.value)
   for name in _TEMPLATES.value.split(","):
     templates_lib.resolve_name(name)  # Fails fast, listing the names.
   evals = adhoc_evals(_ZEROSHOT_FOLDER.value, _TEMPLATES.value,
@@ -169,8 +111,8 @@ def main(argv):
         "The run's config has no evals; give --zeroshot_folder or "
         "--retrieval_path.")
   eval_run.validate(config, evals=evals)  # Before restoring anything.
-  model, params, mesh, step = restore_params(config, _WORKDIR.value,
-                                             _STEP.value)
+  model, params, mesh, step = api.restore_params(config, _WORKDIR.value,
+                                                 _STEP.value)
   results = eval_run.run_all(config, model, params, mesh, evals=evals)
   print(f"checkpoint {step} of {_WORKDIR.value}")
   print(format_table(results))

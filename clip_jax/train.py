@@ -38,6 +38,11 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 (multi-process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "")
+_EVAL_ZEROSHOT_FOLDER = flags.DEFINE_multi_string(
+    "eval_zeroshot_folder", [],
+    "PATH[:TEMPLATES]: add a zero-shot eval on the image folder "
+    "PATH/<class>/*.png to config.evals (run at the start and the end), "
+    "named zeroshot_<folder name>. Repeatable.")
 
 
 def init_distributed() -> None:
@@ -200,7 +205,11 @@ def main(argv):
   # orbax logs every save step at INFO; keep stdout for the run's metrics.
   logging.set_verbosity(logging.WARNING)
   init_distributed()
-  train(_CONFIG.value, _WORKDIR.value)
+  config = _CONFIG.value
+  for spec in _EVAL_ZEROSHOT_FOLDER.value:
+    name, eval_config = cli.zeroshot_folder_eval(spec)
+    config.evals[name] = eval_config
+  train(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":
