@@ -9,7 +9,7 @@ examples/s, then one panel per eval ('eval/<name>'), its metrics
 labelled by its workdir. --metrics keeps only the keys matching any of the
 comma-separated shell patterns ('loss', 'eval/openmoji/*', '*top1'), one
 panel per eval still. Without --out, one run writes WORKDIR/curves.png and
-several write ./curves.png. Per-class accuracies, timings and skip counts
+several write ./curves.png. Per-class accuracies, timings, image and skip counts
 are left out unless --metrics asks for them.
 
 The training loop calls `write_curves(workdir)` at each eval and at the end,
@@ -34,7 +34,7 @@ TRAIN_PANELS = (
     ("examples_per_sec", "examples / s"),
 )
 # Eval keys that are bookkeeping, not results (shown only if asked for).
-_HIDDEN_EVAL_PARTS = ("seconds", "num_skipped", "per_class")
+_HIDDEN_EVAL_PARTS = ("seconds", "num_skipped", "num_images", "per_class")
 
 
 def read_metrics(workdir: str) -> list[dict]:
