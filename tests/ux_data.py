@@ -39,5 +39,5 @@ def make(root: str, *, train_per_class: int = 8, eval_per_class: int = 3):
       Image.fromarray(_square(rgb, rng)).save(
           os.path.join(classes, name, f"{i}.png"))
   tok = os.path.join(root, "tok.model")
-  tokenizer_lib.train(captions * 4, 32, tok)
+  tokenizer_lib.train(captions * 4, 20, tok)  # All the corpus yields.
   return train, classes, tok
