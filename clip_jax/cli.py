@@ -222,3 +222,19 @@ def run(main, argv=None) -> None:
   """absl's app.run(main) with one-line user errors (module docstring)."""
   argv = sys.argv if argv is None else argv
   app.run(guard(main, argv), argv=argv, flags_parser=parse_flags)
+
+
+def run_plain(main) -> None:
+  """sys.exit(main()) for argparse entry points, with one-line user errors
+  (--verbose / CLIP_JAX_VERBOSE=1 for the traceback)."""
+  verbose = verbose_requested(sys.argv)
+  if "--verbose" in sys.argv:
+    sys.argv.remove("--verbose")
+  try:
+    code = main()
+  except Exception as e:  # pylint: disable=broad-except
+    message = user_error_message(e)
+    if message is None or verbose:
+      raise
+    _fail(message)
+  sys.exit(code)

@@ -412,4 +412,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  from clip_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run_plain(main)

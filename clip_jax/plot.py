@@ -24,6 +24,7 @@ import json
 import math
 import os
 import sys
+import warnings
 
 # The training scalars, in panel order, with their axis labels.
 TRAIN_PANELS = (
@@ -175,14 +176,21 @@ def draw(runs: dict[str, list[dict]], path: str,
   return path
 
 
-def write_curves(workdir: str, path: str | None = None) -> str:
+def write_curves(workdir: str, path: str | None = None) -> str | None:
   """Writes WORKDIR/curves.png (or `path`) from WORKDIR/metrics.jsonl.
 
-  Call from process 0 only; returns the path written.
+  Call from process 0 only; returns the path written. Never raises: a
+  plot that cannot be written must not stop a training run, so a failure
+  is a RuntimeWarning and the result None.
   """
   path = path or os.path.join(workdir, "curves.png")
-  return draw({os.path.basename(os.path.abspath(workdir)):
-               read_metrics(workdir)}, path)
+  try:
+    return draw({os.path.basename(os.path.abspath(workdir)):
+                 read_metrics(workdir)}, path)
+  except Exception as e:  # pylint: disable=broad-except
+    warnings.warn(f"Could not write {path}: {type(e).__name__}: {e}",
+                  RuntimeWarning, stacklevel=2)
+    return None
 
 
 def main(argv=None) -> int:
@@ -218,4 +226,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from clip_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run_plain(main)

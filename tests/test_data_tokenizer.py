@@ -150,3 +150,30 @@ def test_cli_prints_the_shortfall_as_one_warning_line(tmp_path):
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("warning: ")
   assert "not the 8000 asked for" in lines[0]
+
+
+@pytest.mark.parametrize("make", ["text", "folder", "missing"])
+def test_a_bad_tokenizer_path_names_it_and_how_to_fix(tmp_path, make):
+  path = tmp_path / "tok.model"
+  if make == "text":
+    path.write_text("not a model\n")
+  elif make == "folder":
+    path.mkdir()
+  with pytest.raises((ValueError, OSError), match="tok.model") as info:
+    tokenizer_lib.load(str(path))
+  assert "config.data.tokenizer" in str(info.value)
+
+
+def test_cli_missing_input_is_one_line(tmp_path):
+  import subprocess
+  import sys
+  proc = subprocess.run(
+      [sys.executable, "-m", "clip_jax.data.tokenizer", "train", "--input",
+       str(tmp_path / "nope.txt"), "--output", str(tmp_path / "t.model")],
+      capture_output=True, text=True, timeout=120,
+      env={k: v for k, v in __import__("os").environ.items()
+           if k != "CLIP_JAX_VERBOSE"})
+  assert proc.returncode == 2
+  assert proc.stderr.splitlines() == [
+      f"error: --input {str(tmp_path / 'nope.txt')!r} not found; give a "
+      "text file with one caption a line."]

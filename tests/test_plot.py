@@ -124,3 +124,26 @@ def test_demo_table_for_any_config(evals, present, absent):
     assert text in table
   for text in absent:
     assert text not in table
+
+
+def test_write_curves_never_stops_a_run(tmp_path):
+  workdir = _write(tmp_path / "run", RUN_A)
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  with pytest.warns(RuntimeWarning, match="Could not write"):
+    assert plot.write_curves(workdir, str(blocker / "curves.png")) is None
+
+
+@pytest.mark.slow
+def test_demo_runs_with_a_config_without_emoji_evals(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = tmp_path / "run"
+  proc = subprocess.run(
+      [sys.executable, "-m", "clip_jax.demo", "--config",
+       "configs/clip.py:tiny", "--config.total_steps=5",
+       "--workdir", str(workdir)], cwd=root, capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  assert "(the config has no evals: no results to show)" in proc.stdout
+  image = np.asarray(Image.open(workdir / "curves.png").convert("L"))
+  assert image.std() > 0

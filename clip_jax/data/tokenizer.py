@@ -97,8 +97,20 @@ def load(path: str, *, lowercase: bool = True) -> Tokenizer:
         f"Tokenizer model {path!r} not found (config.data.tokenizer); train "
         "one with `python -m clip_jax.data.tokenizer train --input "
         f"captions.txt --vocab_size N --output {path}`.")
+  if os.path.isdir(path):
+    raise IsADirectoryError(
+        f"Tokenizer model {path!r} is a directory (config.data.tokenizer); "
+        "give the .model file sentencepiece wrote.")
   with open(path, "rb") as f:
-    return Tokenizer(f.read(), lowercase=lowercase)
+    proto = f.read()
+  try:
+    return Tokenizer(proto, lowercase=lowercase)
+  except RuntimeError as e:  # sentencepiece's own parse error.
+    raise ValueError(
+        f"Tokenizer model {path!r} is not a sentencepiece model "
+        f"(config.data.tokenizer; sentencepiece: {str(e).strip()[:80]}); "
+        "give a .model file from `python -m clip_jax.data.tokenizer "
+        "train`.") from None
 
 
 def train(sentences, vocab_size: int, output: str | None = None, *,
@@ -187,6 +199,9 @@ def main(argv=None):
   cmd.add_argument("--output", required=True, help="the .model file")
   cmd.add_argument("--no_lowercase", action="store_true")
   args = parser.parse_args(argv)
+  if not os.path.isfile(args.input):
+    raise FileNotFoundError(f"--input {args.input!r} not found; give a text "
+                            "file with one caption a line.")
   with open(args.input, encoding="utf-8") as f:
     lines = f.read().splitlines()
   with warnings.catch_warnings(record=True) as caught:
@@ -199,4 +214,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  from clip_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run_plain(main)
