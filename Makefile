@@ -6,9 +6,14 @@ NOTO_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 # 8 fake CPU devices, so multi-device code runs everywhere.
 FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: install test demo bench bench-data data lint clean
+.PHONY: help install test demo bench bench-data data lint tensorboard clean
 
-install: $(VENV)/.installed
+help:  ## List the targets
+	@echo "make TARGET, each usable on a fresh clone (installs what it needs):"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) \
+	  | sed -E 's/^([a-z-]+):.*## (.*)/  \1\t\2/' | expand -t 16
+
+install: $(VENV)/.installed  ## Create .venv with the pinned requirements
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,24 +30,29 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	fi
 	touch $@
 
-test: install
+test: install  ## Run the tests (CPU, 8 fake devices)
 	$(FAKE_DEVICES) $(PY) -m pytest -q tests
 
-demo: install
+demo: install  ## Train configs/demo.py on the emoji data, print results
 	$(PY) -m clip_jax.demo --workdir runs/demo
 
-bench: install
+bench: install  ## Benchmarks -> runs/bench.json
 	@# One device, as `make demo` trains.
 	$(PY) -m clip_jax.bench --out runs/bench.json
 
-data: install
+data: install  ## Prepare the built-in emoji dataset
 	$(PY) -m clip_jax.data.sources prepare-emoji
 
-bench-data: install
+bench-data: install  ## Input-pipeline benchmark -> runs/data_bench.json
 	$(PY) -m clip_jax.data.bench --fresh --out runs/data_bench.json
 
-lint: install
+lint: install  ## ruff check
 	$(VENV)/bin/ruff check clip_jax configs tests
 
-clean:
+# TensorBoard over every run under RUNS (default runs/).
+RUNS ?= runs
+tensorboard: install  ## View the runs under RUNS=runs in TensorBoard
+	$(VENV)/bin/tensorboard --logdir $(RUNS) --host 127.0.0.1
+
+clean:  ## Remove .venv, runs/ and caches
 	rm -rf $(VENV) runs .pytest_cache

@@ -50,9 +50,7 @@ def _median_rate(fn, examples_per_call: int, windows: int, calls: int):
 def _make_step(config):
   """(jitted train step, initial state, mesh) of the config's model."""
   mesh = sharding_lib.make_mesh(config.mesh)
-  model = two_towers.build_model(
-      config.model, pixel_mean=config.data.get("mean"),
-      pixel_std=config.data.get("std"))
+  model = two_towers.build_run_model(config)
   tx, schedule = optim.make_optimizer(
       config, train_state.param_shapes(model, config), total_steps=10**6,
       warmup_steps=0)

@@ -17,6 +17,7 @@ import difflib
 import json
 import math
 import os
+import re
 
 import ml_collections
 
@@ -585,7 +586,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.warmup_examples = config_dict.placeholder(int)
   c.warmup_epochs = config_dict.placeholder(float)
   c.log_every_steps = 50        # Metrics to stdout/jsonl/TensorBoard.
-  c.checkpoint_every_steps = 1000
+  c.checkpoint_every_steps = 1000  # Steps between checkpoints.
   c.keep_checkpoints = 3        # Older checkpoints are deleted.
 
   c.loss = "softmax"            # Key of losses.LOSSES.
@@ -644,3 +645,171 @@ def load_config_file(path: str, arg: str | None = None):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+# ------------------------------------------------ `show`: keys and docs ----
+#
+# The docs are read from where each key is documented (one source of truth):
+# base_config's comments, and the key lists in the docstrings of optim.py
+# (optimiser keys), data/pipeline.py (data.*), models/two_towers.py
+# (model.*) and evals/run.py (evals.<name>.*).
+
+# '  key  doc', '  key: doc', '  a, b  doc', '  a | b', '  adam.b1/b2: doc'.
+_DOC_ENTRY = re.compile(
+    r"^  ([\w.*/]+(?:\s*[,|]\s*[\w.*/]+)*):?(?:\s+(\S.*))?$")
+
+
+def parse_key_docs(text: str, header: str) -> dict[str, str]:
+  """{key: doc} of the '  key   doc...' list after `header` in `text`.
+
+  Continuation lines are indented deeper; the list ends at a blank line.
+  'a, b' and 'a | b' document several keys; 'adam.b1/b2/eps' is adam.b1,
+  adam.b2, adam.eps. Subsection lines at column 0 ('zeroshot:') are skipped.
+  """
+  if header not in text:
+    raise ValueError(f"No {header!r} in the docstring to parse.")
+  docs, current = {}, None
+  for line in text.split(header, 1)[1].splitlines()[1:]:
+    if not line.strip():
+      if docs:
+        break
+      continue
+    match = _DOC_ENTRY.match(line)
+    if match:
+      current = []
+      for key in re.split(r"\s*[,|]\s*", match.group(1).strip()):
+        first, *rest = key.split("/")
+        prefix = first.rsplit(".", 1)[0] + "." if "." in first else ""
+        for name in [first] + [prefix + r for r in rest]:
+          docs[name] = current
+      if match.group(2):
+        current.append(match.group(2).strip())
+    elif line.startswith("   ") and current is not None:
+      current.append(line.strip())
+  return {k: " ".join(v) for k, v in docs.items()}
+
+
+def _base_config_comments() -> dict[str, str]:
+  """{key: comment} of base_config's `c.key = ...  # comment` lines; a
+  comment block above a group of assignments documents the group."""
+  import inspect
+  docs, block = {}, None
+  for line in inspect.getsource(base_config).splitlines():
+    stripped = line.strip()
+    if not stripped:
+      block = None
+    elif stripped.startswith("#"):
+      block = (block + " " if block else "") + stripped.lstrip("# ")
+    else:
+      match = re.match(r"c\.(\w+)\s*=.*?(?:#\s*(.*))?$", stripped)
+      if match:
+        docs[match.group(1)] = match.group(2) or block or ""
+  return docs
+
+
+def key_docs() -> dict[str, str]:
+  """{key pattern: one-line doc}; patterns as `doc_for` matches them."""
+  from clip_jax import optim
+  from clip_jax.data import pipeline
+  from clip_jax.evals import run as eval_run
+  from clip_jax.models import two_towers
+  docs = dict(_base_config_comments())
+  for key, doc in parse_key_docs(optim.__doc__, "Config keys").items():
+    if doc:
+      docs[key] = doc
+  for key, doc in parse_key_docs(pipeline.__doc__,
+                                 "Data config keys").items():
+    docs[f"data.{key}"] = doc
+  for key, doc in parse_key_docs(two_towers.__doc__,
+                                 "Model config keys").items():
+    docs[f"model.{key}"] = doc
+  for key, doc in parse_key_docs(eval_run.__doc__, "`config.evals`").items():
+    docs[f"evals.*.{key}"] = doc
+  return docs
+
+
+def doc_for(key: str, docs: dict[str, str]) -> str:
+  """The doc of a dotted key: exact, else a matching pattern ('warmup_*',
+  'evals.*.type'), else its parent's doc."""
+  import fnmatch
+  while key:
+    if docs.get(key):
+      return docs[key]
+    for pattern, doc in docs.items():
+      if doc and "*" in pattern and fnmatch.fnmatchcase(key, pattern):
+        return doc
+    key = key.rsplit(".", 1)[0] if "." in key else ""
+  return ""
+
+
+def flatten(config, prefix: str = "") -> list[tuple[str, object]]:
+  """[(dotted key, value)] of every leaf, in the config's key order; an
+  empty sub-config is one entry ({})."""
+  items = []
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      items.extend(flatten(value, f"{name}.") if len(value) else
+                   [(name, {})])
+    else:
+      items.append((name, value))
+  return items
+
+
+def show(config, pattern: str | None = None) -> str:
+  """Every key (or those matching the shell `pattern`) as
+  'key = value  # doc', one a line."""
+  import fnmatch
+  docs = key_docs()
+  rows = [(k, repr(v)) for k, v in flatten(config)
+          if not pattern or fnmatch.fnmatchcase(k, pattern)
+          or k.startswith(pattern + ".")]
+  if not rows:
+    raise ValueError(f"No config key matches {pattern!r}.")
+  width = max(len(f"{k} = {v}") for k, v in rows if len(f"{k} = {v}") < 48)
+  lines = []
+  for key, value in rows:
+    left = f"{key} = {value}"
+    doc = doc_for(key, docs)
+    lines.append(f"{left:{width}}  # {doc}" if doc else left)
+  if any(k == "evals" or k.startswith("evals.") for k, _ in rows):
+    lines.append("# Keys of one eval, config.evals.<name>.<key> (e.g. "
+                 "--config.evals.mine.type=zeroshot), see evals/run.py:")
+    lines += [f"#   {k[len('evals.*.'):]}: {d}" for k, d in docs.items()
+              if k.startswith("evals.*.")]
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  """`python -m clip_jax.config show FILE[:arg] [KEY_PATTERN]`."""
+  import argparse
+  import sys
+  parser = argparse.ArgumentParser(
+      prog="python -m clip_jax.config",
+      description="Print every key of a config file with its value and doc.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  cmd = sub.add_parser("show", help="keys, values and one-line docs")
+  cmd.add_argument("config", help="config file, optionally with ':arg', "
+                   "e.g. configs/clip.py:tiny")
+  cmd.add_argument("pattern", nargs="?", default=None,
+                   help="only keys matching this shell pattern or under "
+                   "this prefix, e.g. 'data' or '*lr*'")
+  args = parser.parse_args(argv)
+  path, _, arg = args.config.partition(":")
+  if not os.path.isfile(path):
+    print(f"error: config file {path!r} not found; give the path of a .py "
+          "file defining get_config(), e.g. configs/clip.py.",
+          file=sys.stderr)
+    return 2
+  try:
+    config = load_config_file(os.path.abspath(path), arg or None)
+    print(show(config, args.pattern))
+  except ValueError as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  from clip_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run_plain(main)

@@ -9,24 +9,30 @@ r"""Evaluates a run's latest (or a given) checkpoint.
 name reads as a space); --templates takes one template-set name or several
 (comma-separated) reported side by side. --retrieval_path
 takes image-caption pairs (see clip_jax/data/sources.py 'folder'). Ad-hoc
-sets replace the config's evals unless --with_config_evals. Prints a table
-and writes WORKDIR/eval_<step>.json.
+sets replace the config's evals unless --with_config_evals. Template-set
+names accept the aliases of evals/templates.py ('imagenet' =
+clip_imagenet).
+
+Prints a table and keeps every result: WORKDIR/eval_<step>.json, or
+eval_<step>_<n>.json (n = 2, 3, ...) when that exists, and one line appended
+to WORKDIR/evals.jsonl. Each records the checkpoint step and what was
+evaluated: every eval's config (folder path, templates, split, ...). An
+ad-hoc zero-shot folder eval is named after the folder
+('zeroshot_<folder name>').
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
 from absl import app, flags, logging
 
-from clip_jax import checkpoint as checkpoint_lib
-from clip_jax import config as config_lib
-from clip_jax import optim, train_state
-from clip_jax import sharding as sharding_lib
+from clip_jax import api, cli
 from clip_jax.evals import run as eval_run
-from clip_jax.models import two_towers
+from clip_jax.evals import templates as templates_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default last).")
@@ -45,38 +51,13 @@ def adhoc_evals(zeroshot_folder, templates, retrieval_path) -> dict:
   """Eval configs for the command line's ad-hoc sets."""
   evals = {}
   if zeroshot_folder:
-    names = [t for t in templates.split(",") if t]
-    evals["zeroshot_folder"] = dict(
-        type="zeroshot", source="image_folder", path=zeroshot_folder,
-        split="test", templates=names if len(names) > 1 else names[0])
+    name, eval_config = cli.zeroshot_folder_eval(zeroshot_folder, templates)
+    evals[name] = eval_config
   if retrieval_path:
     evals["retrieval"] = dict(type="retrieval", source="folder",
-                              path=retrieval_path, split="test")
+                              path=os.path.abspath(retrieval_path),
+                              split="test")
   return evals
-
-
-def restore_params(config, workdir: str, step: int | None):
-  """(model, params on the mesh, mesh, step) of a run's checkpoint."""
-  mesh = sharding_lib.make_mesh(config.mesh)
-  model = two_towers.build_model(
-      config.model, pixel_mean=config.data.get("mean"),
-      pixel_std=config.data.get("std"))
-  # The optimiser's state structure does not depend on the schedule's
-  # length, so any length rebuilds the tree the run saved.
-  tx, _ = optim.make_optimizer(config, train_state.param_shapes(model, config),
-                               total_steps=1, warmup_steps=0)
-  shapes, shardings, _ = train_state.abstract_state(model, tx, config, mesh)
-  ckpt = checkpoint_lib.Checkpointer(workdir, every_steps=0, keep=10**6,
-                                     async_save=False)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(
-        f"No checkpoint in {ckpt.directory}; train first or pass a workdir "
-        "that has checkpoints.")
-  state = ckpt.restore(
-      step, checkpoint_lib.abstract_with_shardings(shapes, shardings))
-  ckpt.close()
-  return model, state["params"], mesh, step
 
 
 def format_table(results: dict) -> str:
@@ -85,14 +66,41 @@ def format_table(results: dict) -> str:
                    f"{k:{width}}  {v}" for k, v in sorted(results.items()))
 
 
+def result_path(workdir: str, step: int) -> str:
+  """WORKDIR/eval_<step>.json, or eval_<step>_<n>.json for the first n >= 2
+  that does not exist yet: earlier results are never overwritten."""
+  path = os.path.join(workdir, f"eval_{step}.json")
+  n = 2
+  while os.path.exists(path):
+    path = os.path.join(workdir, f"eval_{step}_{n}.json")
+    n += 1
+  return path
+
+
+def write_results(workdir: str, step: int, evals: dict,
+                  results: dict) -> str:
+  """Writes a new eval_<step>[_n].json and appends to evals.jsonl."""
+  record = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "workdir": os.path.abspath(workdir), "evals": evals,
+            "results": results}
+  path = result_path(workdir, step)
+  # 'x': fail rather than overwrite if another process took the name.
+  with open(path, "x") as f:
+    json.dump({**record, **results}, f, indent=2)
+  with open(os.path.join(workdir, "evals.jsonl"), "a") as f:
+    f.write(json.dumps({**record, "file": os.path.basename(path)}) + "\n")
+  return path
+
+
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required.")
-  config = config_lib.load(_WORKDIR.value)
-  model, params, mesh, step = restore_params(config, _WORKDIR.value,
-                                             _STEP.value)
+  config = api.load_run_config(_WORKDIR.value)
+  for name in _TEMPLATES.value.split(","):
+    templates_lib.resolve_name(name)  # Fails fast, listing the names.
   evals = adhoc_evals(_ZEROSHOT_FOLDER.value, _TEMPLATES.value,
                       _RETRIEVAL.value)
   if not evals or _WITH_CONFIG.value:
@@ -102,15 +110,16 @@ def main(argv):
     raise app.UsageError(
         "The run's config has no evals; give --zeroshot_folder or "
         "--retrieval_path.")
+  eval_run.validate(config, evals=evals)  # Before restoring anything.
+  model, params, mesh, step = api.restore_params(config, _WORKDIR.value,
+                                                 _STEP.value)
   results = eval_run.run_all(config, model, params, mesh, evals=evals)
   print(f"checkpoint {step} of {_WORKDIR.value}")
   print(format_table(results))
   if jax.process_index() == 0:
-    path = os.path.join(_WORKDIR.value, f"eval_{step}.json")
-    with open(path, "w") as f:
-      json.dump({"step": step, **results}, f, indent=2)
-    print(f"wrote {path}")
+    path = write_results(_WORKDIR.value, step, evals, results)
+    print(f"wrote {path} (and a line of {_WORKDIR.value}/evals.jsonl)")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -42,8 +42,8 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from clip_jax import checkpoint as checkpoint_lib
+from clip_jax import cli, losses, optim, train_state
 from clip_jax import config as config_lib
-from clip_jax import losses, optim, train_state
 from clip_jax import metrics as metrics_lib
 from clip_jax import preemption as preemption_lib
 from clip_jax import sharding as sharding_lib
@@ -65,6 +65,11 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "Resume a workdir with a config that differs from the stored one in "
     "keys other than config.RESUMABLE_KEYS (parameter shapes must match).")
 
+_EVAL_ZEROSHOT_FOLDER = flags.DEFINE_multi_string(
+    "eval_zeroshot_folder", [],
+    "PATH[:TEMPLATES]: add a zero-shot eval on the image folder "
+    "PATH/<class>/*.png to config.evals (run at the start and the end), "
+    "named zeroshot_<folder name>. Repeatable.")
 EXIT_RESUMABLE = 75  # sysexits.h EX_TEMPFAIL: stopped early, re-run resumes.
 
 
@@ -222,9 +227,7 @@ def train(config, workdir: str, *, data=None,
 def _train(config, workdir, ckpt, data_iter, dataset_size, *, is_main,
            allow_config_change, resume_command) -> TrainResult:
   mesh = sharding_lib.make_mesh(config.mesh)
-  model = two_towers.build_model(
-      config.model, pixel_mean=config.data.get("mean"),
-      pixel_std=config.data.get("std"))
+  model = two_towers.build_run_model(config)
   loss_fn = losses.get_loss(config.loss)
   total_steps = config_lib.steps("total", config, batch_size=config.batch_size,
                                  dataset_size=dataset_size)
@@ -396,12 +399,16 @@ def main(argv):
   # orbax logs every save step at INFO; keep stdout for the run's metrics.
   logging.set_verbosity(logging.WARNING)
   init_distributed()
+  config = _CONFIG.value
+  for spec in _EVAL_ZEROSHOT_FOLDER.value:
+    name, eval_config = cli.zeroshot_folder_eval(spec)
+    config.evals[name] = eval_config
   command = shlex.join(["python", "-m", "clip_jax.train", *sys.argv[1:]])
-  result = train(_CONFIG.value, _WORKDIR.value,
+  result = train(config, _WORKDIR.value,
                  allow_config_change=_ALLOW_CONFIG_CHANGE.value,
                  resume_command=command)
   return result.exit_code  # app.run exits with it.
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

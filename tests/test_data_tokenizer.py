@@ -114,3 +114,66 @@ def test_emoji_tokenizer_is_cached(tmp_path):
   assert first.vocab_size <= 256
   # Trained on emoji names: a whole common word is one piece.
   assert len(first.processor.encode("face")) == 1
+
+
+def test_a_smaller_vocabulary_than_asked_warns_and_says_why(tmp_path):
+  with pytest.warns(tokenizer_lib.VocabularyTooSmallWarning) as record:
+    tok = tokenizer_lib.train(CORPUS, 8000, str(tmp_path / "big.model"))
+  got = tok.processor.get_piece_size()  # sentencepiece's own count.
+  assert got < 8000
+  message = str(record[0].message)
+  assert f"has {got} tokens, not the 8000 asked for" in message
+  assert "corpus is too small" in message
+  assert f"{len(set(CORPUS))} lines" not in message  # Lines, not distinct.
+  assert f"{len(CORPUS)} lines" in message
+
+
+def test_a_vocabulary_of_the_size_asked_does_not_warn(tmp_path):
+  import warnings
+  size = tokenizer_lib.train(CORPUS, 8000).vocab_size
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", tokenizer_lib.VocabularyTooSmallWarning)
+    tok = tokenizer_lib.train(CORPUS, size, str(tmp_path / "fit.model"))
+  assert tok.vocab_size == size
+
+
+def test_cli_prints_the_shortfall_as_one_warning_line(tmp_path):
+  import subprocess
+  import sys
+  corpus = tmp_path / "captions.txt"
+  corpus.write_text("a cat\na dog\n")
+  proc = subprocess.run(
+      [sys.executable, "-m", "clip_jax.data.tokenizer", "train", "--input",
+       str(corpus), "--vocab_size", "8000", "--output",
+       str(tmp_path / "t.model")], capture_output=True, text=True,
+      timeout=120, check=True)
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("warning: ")
+  assert "not the 8000 asked for" in lines[0]
+
+
+@pytest.mark.parametrize("make", ["text", "folder", "missing"])
+def test_a_bad_tokenizer_path_names_it_and_how_to_fix(tmp_path, make):
+  path = tmp_path / "tok.model"
+  if make == "text":
+    path.write_text("not a model\n")
+  elif make == "folder":
+    path.mkdir()
+  with pytest.raises((ValueError, OSError), match="tok.model") as info:
+    tokenizer_lib.load(str(path))
+  assert "config.data.tokenizer" in str(info.value)
+
+
+def test_cli_missing_input_is_one_line(tmp_path):
+  import subprocess
+  import sys
+  proc = subprocess.run(
+      [sys.executable, "-m", "clip_jax.data.tokenizer", "train", "--input",
+       str(tmp_path / "nope.txt"), "--output", str(tmp_path / "t.model")],
+      capture_output=True, text=True, timeout=120,
+      env={k: v for k, v in __import__("os").environ.items()
+           if k != "CLIP_JAX_VERBOSE"})
+  assert proc.returncode == 2
+  assert proc.stderr.splitlines() == [
+      f"error: --input {str(tmp_path / 'nope.txt')!r} not found; give a "
+      "text file with one caption a line."]

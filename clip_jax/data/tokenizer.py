@@ -22,6 +22,8 @@ import argparse
 import hashlib
 import io
 import os
+import sys
+import warnings
 
 import numpy as np
 import sentencepiece as spm
@@ -95,8 +97,20 @@ def load(path: str, *, lowercase: bool = True) -> Tokenizer:
         f"Tokenizer model {path!r} not found (config.data.tokenizer); train "
         "one with `python -m clip_jax.data.tokenizer train --input "
         f"captions.txt --vocab_size N --output {path}`.")
+  if os.path.isdir(path):
+    raise IsADirectoryError(
+        f"Tokenizer model {path!r} is a directory (config.data.tokenizer); "
+        "give the .model file sentencepiece wrote.")
   with open(path, "rb") as f:
-    return Tokenizer(f.read(), lowercase=lowercase)
+    proto = f.read()
+  try:
+    return Tokenizer(proto, lowercase=lowercase)
+  except RuntimeError as e:  # sentencepiece's own parse error.
+    raise ValueError(
+        f"Tokenizer model {path!r} is not a sentencepiece model "
+        f"(config.data.tokenizer; sentencepiece: {str(e).strip()[:80]}); "
+        "give a .model file from `python -m clip_jax.data.tokenizer "
+        "train`.") from None
 
 
 def train(sentences, vocab_size: int, output: str | None = None, *,
@@ -104,7 +118,7 @@ def train(sentences, vocab_size: int, output: str | None = None, *,
   """Trains a unigram sentencepiece model on `sentences`; writes `output`.
 
   The vocabulary may come out smaller than `vocab_size` when the corpus is
-  small (never larger).
+  small (never larger); a VocabularyTooSmallWarning then says so.
   """
   sentences = [s.lower() if lowercase else s for s in sentences if s.strip()]
   if not sentences:
@@ -121,7 +135,27 @@ def train(sentences, vocab_size: int, output: str | None = None, *,
     with open(tmp, "wb") as f:
       f.write(model.getvalue())
     os.replace(tmp, output)  # Never leave a half-written model behind.
-  return Tokenizer(model.getvalue(), lowercase=lowercase)
+  tokenizer = Tokenizer(model.getvalue(), lowercase=lowercase)
+  if tokenizer.vocab_size < vocab_size:
+    warnings.warn(vocab_shortfall_message(sentences, vocab_size,
+                                          tokenizer.vocab_size),
+                  VocabularyTooSmallWarning, stacklevel=2)
+  return tokenizer
+
+
+class VocabularyTooSmallWarning(UserWarning):
+  """The trained vocabulary is smaller than the vocab_size asked for."""
+
+
+def vocab_shortfall_message(sentences, asked: int, got: int) -> str:
+  words = {w for s in sentences for w in s.split()}
+  chars = {c for s in sentences for c in s if not c.isspace()}
+  return (
+      f"The tokenizer has {got} tokens, not the {asked} asked for: the "
+      f"corpus is too small for more ({len(sentences)} lines, {len(words)} "
+      f"distinct words, {len(chars)} distinct characters; sentencepiece "
+      "keeps only pieces that occur in it). It works as it is; train on more "
+      f"text for a larger vocabulary, or ask for vocab_size <= {got}.")
 
 
 def emoji_tokenizer(vocab_size: int, *, cache_dir: str | None = None,
@@ -165,11 +199,20 @@ def main(argv=None):
   cmd.add_argument("--output", required=True, help="the .model file")
   cmd.add_argument("--no_lowercase", action="store_true")
   args = parser.parse_args(argv)
+  if not os.path.isfile(args.input):
+    raise FileNotFoundError(f"--input {args.input!r} not found; give a text "
+                            "file with one caption a line.")
   with open(args.input, encoding="utf-8") as f:
-    tok = train(f.read().splitlines(), args.vocab_size, args.output,
+    lines = f.read().splitlines()
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", VocabularyTooSmallWarning)
+    tok = train(lines, args.vocab_size, args.output,
                 lowercase=not args.no_lowercase)
   print(f"wrote {args.output} ({tok.vocab_size} tokens)")
+  for warning in caught:
+    print(f"warning: {warning.message}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-  main()
+  from clip_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run_plain(main)

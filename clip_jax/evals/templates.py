@@ -8,7 +8,9 @@ Each template has exactly one '{}' where the class name goes.
   short            a handful of generic photo templates;
   none             the bare class name;
   emoji            for the built-in emoji dataset (renderings, not photos).
-User lists are accepted wherever a set name is (`get_templates`).
+User lists are accepted wherever a set name is (`get_templates`). Names
+are case-insensitive, '-' reads as '_', and the obvious aliases in ALIASES
+('imagenet' = clip_imagenet, ...) are accepted.
 """
 
 CLIP_IMAGENET = [
@@ -65,15 +67,33 @@ TEMPLATES = {
 }
 
 
+# Other names a user may reasonably type for a set.
+ALIASES = {
+    "imagenet": "clip_imagenet", "clip": "clip_imagenet",
+    "openai": "clip_imagenet", "imagenet_80": "clip_imagenet",
+    "imagenet_7": "clip_imagenet_7", "imagenet7": "clip_imagenet_7",
+    "clip_imagenet7": "clip_imagenet_7", "bare": "none", "name": "none",
+    "photo": "short", "emojis": "emoji",
+}
+
+
+def resolve_name(name: str) -> str:
+  """The registered set name `name` stands for; ValueError listing them."""
+  key = name.strip().lower().replace("-", "_")
+  key = ALIASES.get(key, key)
+  if key not in TEMPLATES:
+    raise ValueError(
+        f"Unknown template set {name!r}; valid names: "
+        f"{', '.join(sorted(TEMPLATES))} (or give a list of templates, "
+        "each with one '{}' for the class name).")
+  return key
+
+
 def get_templates(name_or_list) -> list[str]:
-  """A registered set by name, or a user's list of '{}' templates."""
+  """A registered set by name (or alias), or a user's list of '{}'
+  templates."""
   if isinstance(name_or_list, str):
-    if name_or_list not in TEMPLATES:
-      raise ValueError(
-          f"Unknown template set {name_or_list!r}; valid names: "
-          f"{', '.join(sorted(TEMPLATES))} (or give a list of templates, "
-          "each with one '{}' for the class name).")
-    return list(TEMPLATES[name_or_list])
+    return list(TEMPLATES[resolve_name(name_or_list)])
   templates = list(name_or_list)
   if not templates:
     raise ValueError("The template list is empty; give at least one "

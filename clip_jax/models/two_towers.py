@@ -103,9 +103,8 @@ class TwoTowers(nn.Module):
       if self.pixel_mean is None or self.pixel_std is None:
         raise ValueError(
             "encode_image got uint8 pixels but the model has no pixel "
-            "mean/std; build it with build_model(config.model, pixel_mean="
-            "config.data.mean, pixel_std=config.data.std), or pass "
-            "normalised float images.")
+            "mean/std; build it with build_run_model(config) (which takes "
+            "config.data.mean/std), or pass normalised float images.")
       images = normalize_pixels(images, self.pixel_mean, self.pixel_std)
     return l2_normalize(self.img_proj(self.img(images, train=train)))
 
@@ -160,6 +159,13 @@ def build_model(model_config, *, pixel_mean=None,
       dtype=dtype,
       pixel_mean=None if pixel_mean is None else tuple(map(float, pixel_mean)),
       pixel_std=None if pixel_std is None else tuple(map(float, pixel_std)))
+
+
+def build_run_model(config) -> TwoTowers:
+  """The model of a run's whole config: config.model, with the pixel
+  mean/std of config.data (uint8 images are normalised on the device)."""
+  return build_model(config.model, pixel_mean=config.data.get("mean"),
+                     pixel_std=config.data.get("std"))
 
 
 def validate_model_config(model_config) -> None:
