@@ -111,11 +111,20 @@ class Model:
     return np.stack(out)
 
   def encode_image(self, images) -> np.ndarray:
-    """float32 [n, D] unit-norm embeddings of images (see `preprocess`)."""
+    """float32 [n, D] unit-norm embeddings of images (see `preprocess`).
+
+    Decoded batch_size images at a time, so a long list of paths never
+    sits in memory as pixels.
+    """
     from clip_jax.evals import embed  # pylint: disable=g-import-not-at-top
-    return embed.embed_arrays(self._image_fn, self.params, self.mesh,
-                              self.preprocess(images),
-                              batch_size=self.batch_size)
+    images = _as_list(images)
+    if not images:
+      raise ValueError("encode_image() got no images.")
+    return np.concatenate([
+        embed.embed_arrays(self._image_fn, self.params, self.mesh,
+                           self.preprocess(images[i:i + self.batch_size]),
+                           batch_size=self.batch_size)
+        for i in range(0, len(images), self.batch_size)])
 
   def encode_text(self, texts) -> np.ndarray:
     """float32 [n, D] unit-norm embeddings of a list of strings."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 from absl import flags, logging
 
 from clip_jax import api, cli
+from clip_jax.evals import templates as templates_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _IMAGES = flags.DEFINE_multi_string("image", [], "Image file (repeatable).")
@@ -54,6 +55,7 @@ def main(argv):
   if not _WORKDIR.value or not _IMAGES.value or not _CLASSES.value:
     raise cli.UserError("--workdir, --image and --classes are required.")
   class_names = parse_classes(_CLASSES.value)
+  templates_lib.resolve_name(_TEMPLATES.value)  # Before loading anything.
   model = api.load(_WORKDIR.value, step=_STEP.value)
   probs = model.classify(_IMAGES.value, class_names, _TEMPLATES.value)
   for image, row in zip(_IMAGES.value, probs):

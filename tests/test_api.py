@@ -123,6 +123,9 @@ def test_encode_image_accepts_paths_and_arrays(trained):
   np.testing.assert_allclose(np.linalg.norm(by_path, axis=1), 1, rtol=1e-5)
   one = model.encode_image(np.asarray(Image.open(paths[3]).convert("RGB")))
   np.testing.assert_allclose(one[0], by_path[3], rtol=1e-5, atol=1e-6)
+  # Decoded and embedded in chunks of batch_size: the same embeddings.
+  chunked = clip_jax.load(workdir, batch_size=5).encode_image(paths)
+  np.testing.assert_allclose(chunked, by_path, rtol=1e-5, atol=1e-6)
   with pytest.raises(FileNotFoundError, match="nope.png"):
     model.encode_image(["nope.png"])
 

@@ -63,9 +63,10 @@ def test_template_sets():
   for name in templates.TEMPLATES:
     assert all(t.count("{}") == 1 for t in templates.get_templates(name))
   assert templates.get_templates(["{} x"]) == ["{} x"]
-  with pytest.raises(ValueError, match="Unknown template set 'imagenet'.*"
+  with pytest.raises(ValueError, match="Unknown template set 'imagenett'.*"
                      "clip_imagenet, clip_imagenet_7, emoji, none, short"):
-    templates.get_templates("imagenet")
+    templates.get_templates("imagenett")
+  assert templates.get_templates("imagenet") == clip  # An alias.
   for bad in (["no slot"], ["{} and {}"], ["{0}"], []):
     with pytest.raises(ValueError):
       templates.get_templates(bad)
