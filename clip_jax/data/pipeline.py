@@ -336,8 +336,9 @@ class DataIterator:
   `close()` stops its thread and worker processes. With prefetch > 0 a
   background thread assembles up to `prefetch` batches ahead (the state is
   that of the last batch handed out). `num_skipped` is this process's total
-  of bad examples so far; `num_batches` the number of batches of a finite
-  stream (None if endless).
+  of bad examples so far (at the end of a finite stream, including those
+  in the incomplete last batch, which is dropped); `num_batches` the
+  number of batches of a finite stream (None if endless).
   """
 
   def __init__(self, examples: grain.MapDataset, *, batch_size: int,
@@ -452,8 +453,8 @@ class DataIterator:
     while not stop.is_set():
       try:
         item = ("batch", self._next_batch(), copy.deepcopy(self._counters))
-      except StopIteration:
-        item = ("end", None, None)
+      except StopIteration:  # With the bad examples of the cut-off tail.
+        item = ("end", None, copy.deepcopy(self._counters))
       except BaseException as e:  # noqa: BLE001  Re-raised by __next__.
         item = ("error", e, None)
       while not stop.is_set():
@@ -475,6 +476,7 @@ class DataIterator:
         batch = self._next_batch()
       except StopIteration:
         self._final = ("end", None)
+        self._delivered = copy.deepcopy(self._counters)
         raise
       self._delivered = copy.deepcopy(self._counters)
       return batch
@@ -489,6 +491,8 @@ class DataIterator:
       self._delivered = state
       return payload
     self._final = (kind, payload)
+    if kind == "end":
+      self._delivered = state
     return next(self)
 
   def get_state(self) -> bytes:
