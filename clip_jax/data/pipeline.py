@@ -22,6 +22,14 @@ examples (an image that cannot be decoded, a missing file, no non-empty
 caption) are dropped in the main process, which shifts that process's later
 batches by as many examples; `num_skipped` counts them.
 
+grain does the dataset ops (source, shuffle, repeat, random map, slicing,
+chunking, worker processes, read threads). Hand-written, because grain has
+no equivalent: the block sharding above (grain shards by stride, which
+reorders the global batch), and dropping + counting bad examples with an
+exact count in the checkpointed state, a per-batch `num_skipped` and an
+error naming examples (grain's filter guard checks windows of 1,000 and
+names none). Bad examples never raise: see Preprocess, and the sources.
+
 State. `get_state()` -> bytes (JSON: how many examples this process has
 consumed, and the skip counters); `set_state()` rebuilds the stream from
 that position, so a restored iterator yields exactly the batches the
@@ -239,8 +247,8 @@ class Preprocess(grain.transforms.RandomMap):
 
 
 def clip_caption(caption: str, context_length: int) -> str:
-  """The caption cut before the first whitespace past
-  max(MAX_CAPTION_CHARS, 32 * context_length) characters.
+  """The caption cut at its last space before max(MAX_CAPTION_CHARS,
+  32 * context_length) characters (at the limit if it has none there).
 
   A 10 MB caption takes seconds to tokenise, for L tokens that a few
   hundred characters give: sentencepiece pieces are at most 16 characters
