@@ -113,8 +113,6 @@ def _example_strategy(kind: str):
                    st.integers(0, len(GOOD_CAPTIONS) - 1),
                    st.tuples(st.integers(1, 24), st.integers(1, 24)))
   faults = IMAGE_FAULTS + CAPTION_FAULTS + RECORD_FAULTS[kind]
-  if kind == "wds":
-    faults = IMAGE_FAULTS + ["no_caption", "blank_caption"]
   bad = st.tuples(st.just("bad"), st.sampled_from(faults),
                   st.integers(0, 2**16))
   return st.lists(st.one_of(good, good, bad), min_size=1,
@@ -349,10 +347,16 @@ def _fuzz(kind, examples, tok, batch_size):
     else:
       result, positions = _write_wds(root, examples)
       path = result.path
-      # Samples without a caption file are left out by the conversion,
-      # and reported; everything else reaches the pipeline.
-      assert sorted(set(range(len(examples))) - set(positions)) == [
-          i for i, e in enumerate(examples) if e[1] == "no_caption"]
+      # Samples without a caption file, or whose caption is not UTF-8, are
+      # left out by the conversion and reported by reason; everything else
+      # reaches the pipeline.
+      reasons = {"no_caption": "no image or no .txt",
+                 "non_utf8_caption": "caption not UTF-8"}
+      assert {k: sorted(v) for k, v in result.skipped.items()} == {
+          r: [f"{i // ((len(examples) + 1) // 2):05d}/{i:04d}"
+              for i, e in enumerate(examples) if e[1] == fault]
+          for fault, r in reasons.items()
+          if any(e[1] == fault for e in examples)}
       if not positions:
         return
     _check(examples, positions, tok, _config(path), batch_size)
