@@ -440,8 +440,16 @@ def _check_accumulation(config, *, device_count: int, **_) -> None:
 def _check_evals(config, **_) -> None:
   from clip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from clip_jax.evals import run as eval_run  # pylint: disable=g-import-not-at-top
-  eval_run.validate(config)  # Types, keys of each type, periods, templates.
   data_keys = set(pipeline.default_data_config())
+  for name, eval_config in (config.get("evals") or {}).items():
+    kind = eval_config.get("type")
+    if kind in eval_run.EVALUATORS:  # (Else eval_run.validate says so.)
+      # The keys evals/run.py documents for this type.
+      valid = eval_run._COMMON_KEYS | eval_run._KEYS[kind]  # pylint: disable=protected-access
+      for key in eval_config:
+        if key not in valid:
+          raise _unknown_key(f"evals.{name}.", key, valid)
+  eval_run.validate(config)  # Types, periods, templates, splits.
   for name, eval_config in (config.get("evals") or {}).items():
     for part in ("dataset", "train_split", "val_split", "test_split"):
       overrides = eval_config.get(part)

@@ -101,7 +101,7 @@ _BAD_CONFIGS = [
     ("evals", {"z": {**_EVAL, "dataset": {"splt": "x"}}},
      ["config.evals.z.dataset.splt", "Did you mean 'split'"]),
     ("evals", {"z": {**_EVAL, "templtes": "emoji"}},
-     ["config.evals.z", "templtes", "templates"]),
+     ["config.evals.z.templtes", "Did you mean 'templates'", "every_steps"]),
     # Wrong types.
     ("model.embed_dim", "32", ["config.model.embed_dim='32'", "expected int"]),
     ("batch_size", 64.0, ["config.batch_size=64.0", "expected int"]),

@@ -344,3 +344,48 @@ def test_unknown_source_lists_the_names():
   config.source = "imagenet"
   with pytest.raises(ValueError, match="'emoji', 'folder', 'synthetic'"):
     sources.get_source(config, "train")
+
+
+def test_convert_webdataset_refuses_paths_leaving_the_output(tmp_path):
+  shard = tmp_path / "00000.tar"
+  with tarfile.open(shard, "w") as tar:
+    _add(tar, "../evil.png", _png_bytes("red"))
+    _add(tar, "../evil.txt", b"escaped")
+    _add(tar, "/tmp/abs.png", _png_bytes("red"))
+    _add(tar, "/tmp/abs.txt", b"absolute")
+    _add(tar, "ok.png", _png_bytes("blue"))
+    _add(tar, "ok.txt", b"fine")
+  result = sources.convert_wds(str(shard), str(tmp_path / "out"),
+                               verbose=False)
+  assert result.written == 1
+  assert sorted(result.skipped["unsafe member path"]) == [
+      "00000/../evil.png", "00000/../evil.txt", "00000//tmp/abs.png",
+      "00000//tmp/abs.txt"]
+  assert not (tmp_path / "evil.png").exists()
+  written = {os.path.relpath(os.path.join(d, f), tmp_path)
+             for d, _, files in os.walk(tmp_path) for f in files}
+  assert written == {"00000.tar", "out/data.jsonl",
+                     os.path.join("out", "images", "00000", "ok.png")}
+
+
+def test_convert_webdataset_keeps_what_a_damaged_shard_holds(tmp_path):
+  """A shard cut in the middle of its third sample's image: the first two
+  samples are converted, the third is lost with the damage, which is
+  reported with the shard; a file that is not a tar is reported too."""
+  buf = io.BytesIO()
+  with tarfile.open(fileobj=buf, mode="w") as tar:
+    for i, color in enumerate(("red", "green", "blue")):
+      _add(tar, f"{i}.png", _png_bytes(color) + bytes(2000))
+      _add(tar, f"{i}.txt", f"sample {i}".encode())
+  data = buf.getvalue()
+  third_image = data.index(b"2.png")  # Its header; the data follows.
+  (tmp_path / "a.tar").write_bytes(data[:third_image + 512 + 1000])
+  (tmp_path / "b.tar").write_bytes(b"not a tar at all" * 100)
+  result = sources.convert_wds(str(tmp_path / "*.tar"),
+                               str(tmp_path / "out"), verbose=False)
+  source = sources.FileListSource(result.path)
+  assert [source[i]["captions"] for i in range(len(source))] == [
+      ["sample 0"], ["sample 1"]]
+  damaged = sorted(v for k, vs in result.skipped.items()
+                   if k.startswith("damaged shard") for v in vs)
+  assert damaged == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]

@@ -580,6 +580,17 @@ def _read_csv(path: str, resolve) -> list[dict]:
   not UTF-8, NUL bytes."""
   name = os.path.basename(path)
   records = []
+  # csv refuses fields over 128 kB (and then loses its place in the file);
+  # long captions are cut later (pipeline.clip_caption), not refused.
+  field_limit = csv.field_size_limit(2**31 - 1)
+  try:
+    _read_csv_rows(path, name, resolve, records)
+  finally:
+    csv.field_size_limit(field_limit)
+  return records
+
+
+def _read_csv_rows(path, name, resolve, records) -> None:
   # surrogateescape: a row with bytes that are not UTF-8 is one bad record
   # instead of a failure of the whole file.
   with open(path, newline="", encoding="utf-8",
@@ -599,7 +610,6 @@ def _read_csv(path: str, resolve) -> list[dict]:
         continue
       records.append(_csv_record(row, f"{name}:{reader.line_num}", resolve,
                                  len(fields)))
-  return records
 
 
 def _csv_record(row: dict, where: str, resolve, num_fields: int) -> dict:
@@ -725,7 +735,8 @@ def convert_wds(patterns, output: str, *,
   """WebDataset tar shards -> `output`/images/... + `output`/data.jsonl.
 
   Samples are grouped by key (the member path up to the first dot of its
-  file name); a sample's image is its .jpg/.jpeg/.png/.webp member and its
+  file name); a sample's image is its .jpg/.jpeg/.png/.webp/.gif/.bmp
+  member (the first of them, in that order) and its
   captions the lines of its .txt member. Samples without an image or a
   .txt, with a caption that is not UTF-8 or a member path leaving the
   output folder are left out and reported, as are damaged shards.
@@ -759,7 +770,7 @@ def convert_wds(patterns, output: str, *,
 
 def _wds_line(stem, key, sample, output, result) -> str | None:
   """The JSONL line of one sample (its image written), or None."""
-  image_ext = next((e for e in ("jpg", "jpeg", "png", "webp")
+  image_ext = next((e for e in ("jpg", "jpeg", "png", "webp", "gif", "bmp")
                     if e in sample), None)
   if image_ext is None or "txt" not in sample:
     result.skip("no image or no .txt", f"{stem}/{key}")
