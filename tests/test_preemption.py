@@ -167,6 +167,6 @@ def test_full_disk_at_the_first_save_stops_naming_the_path(tmp_path):
   codes, outputs = run(workdir, 6, 1, 8, "--max_file_bytes=65536",
                        "checkpoint_every_steps=2")
   assert codes == [1], outputs[0][-3000:]
-  assert "CheckpointError" in outputs[0]
+  assert "CheckpointError: Writing a checkpoint to" in outputs[0]
   assert f"{workdir}/checkpoints" in outputs[0]
   assert "[step 6/" not in outputs[0]  # Stopped at the failed save.
