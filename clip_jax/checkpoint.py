@@ -23,6 +23,7 @@ import uuid
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 class CheckpointError(RuntimeError):
@@ -106,9 +107,7 @@ class Checkpointer:
     try:
       self.manager.check_for_errors()
     except Exception as e:  # noqa: BLE001  orbax re-raises the writer's.
-      raise CheckpointError(
-          f"Writing a checkpoint to {self.directory} failed: {e}. Is the "
-          "disk full or the directory not writable?") from e
+      raise _write_error(self.directory, e) from e
 
   def should_save(self, step: int) -> bool:
     return self.every_steps > 0 and step % self.every_steps == 0
@@ -127,11 +126,10 @@ class Checkpointer:
       snapshot = _IteratorState(data_iterator.get_state())
       items["data"] = _grain_args()[0](snapshot)
     try:
+      # Also waits for the previous write, and raises if that failed.
       self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-    except OSError as e:
-      raise CheckpointError(
-          f"Writing checkpoint {step} to {self.directory} failed: {e}. Is "
-          "the disk full or the directory not writable?") from e
+    except Exception as e:  # noqa: BLE001  Any writer error, named.
+      raise _write_error(self.directory, e) from e
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores `step` directly into the shardings of `abstract_state`.
@@ -173,17 +171,35 @@ class Checkpointer:
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001
-      raise CheckpointError(
-          f"Writing a checkpoint to {self.directory} failed: {e}. Is the "
-          "disk full or the directory not writable?") from e
+      raise _write_error(self.directory, e) from e
     self._check_errors()
 
-  def close(self) -> None:
-    """Waits for the last write, then stops orbax's background threads."""
+  def close(self, *, raise_errors: bool = True) -> None:
+    """Waits for the last write, then stops orbax's background threads.
+
+    raise_errors=False (while another error propagates): a failed write is
+    only logged, so it does not hide that error.
+    """
     try:
       self.wait()
+    except CheckpointError:
+      if raise_errors:
+        raise
+      logging.exception("While stopping after an error:")
     finally:
-      self.manager.close()
+      try:
+        self.manager.close()
+      except Exception:  # noqa: BLE001  Already reported by wait().
+        if raise_errors:
+          raise
+
+
+def _write_error(directory: str, error: Exception) -> CheckpointError:
+  first_line = (str(error).splitlines() or [type(error).__name__])[0]
+  return CheckpointError(
+      f"Writing a checkpoint to {directory} failed ({first_line[:300]}). "
+      "Is the disk full or the directory not writable? The checkpoints "
+      "already committed there are intact.")
 
 
 def _shapes_by_path(tree) -> dict:

@@ -15,7 +15,13 @@ handler for SIGTERM and SIGINT sets a flag; the step at which the loop next
 asks is the stop step.
 
 Either way a second SIGINT restores Python's default handler first, so
-Ctrl-C twice aborts at once (KeyboardInterrupt, no checkpoint).
+Ctrl-C twice aborts at once (KeyboardInterrupt, no checkpoint). grain's
+worker processes ignore both signals (data/pipeline.py), so a signal to the
+whole process group (a terminal's Ctrl-C, some schedulers' SIGTERM) reaches
+the main process only in effect. The handlers are installed for the
+training loop alone: a signal while the run starts (restoring, compiling)
+has its default effect and ends the process without a new checkpoint (the
+previous ones stand).
 """
 
 from __future__ import annotations

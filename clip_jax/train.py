@@ -184,12 +184,6 @@ def _last_checkpoint_before(ckpt, step: int):
   return steps[-1] if steps else None
 
 
-def _close_quietly(iterator) -> None:
-  close = getattr(iterator, "close", None)
-  if close is not None:
-    close()
-
-
 def train(config, workdir: str, *, data=None,
           allow_config_change: bool = False,
           resume_command: str | None = None) -> TrainResult:
@@ -213,15 +207,27 @@ def train(config, workdir: str, *, data=None,
   try:
     data_iter, dataset_size = (data if data is not None else
                                make_train_data(config))
-    return _train(config, workdir, ckpt, data_iter, dataset_size,
-                  is_main=is_main, allow_config_change=allow_config_change,
-                  resume_command=resume_command)
+    result = _train(config, workdir, ckpt, data_iter, dataset_size,
+                    is_main=is_main, allow_config_change=allow_config_change,
+                    resume_command=resume_command)
+  except BaseException:
+    _shut_down(data_iter, ckpt, raise_errors=False)  # Keep the first error.
+    raise
+  _shut_down(data_iter, ckpt, raise_errors=True)
+  return result
+
+
+def _shut_down(data_iter, ckpt, *, raise_errors: bool) -> None:
+  """Stops, in this order, the input pipeline's threads and worker
+  processes, then orbax's last write and its threads: nothing may still
+  run when the interpreter shuts down (a thread killed inside native code
+  aborts the process)."""
+  try:
+    close = getattr(data_iter, "close", None)
+    if close is not None:
+      close()
   finally:
-    # In this order: the input threads and worker processes, then orbax's
-    # last write and its threads. Nothing may be left running when the
-    # interpreter shuts down.
-    _close_quietly(data_iter)
-    ckpt.close()
+    ckpt.close(raise_errors=raise_errors)
 
 
 def _train(config, workdir, ckpt, data_iter, dataset_size, *, is_main,

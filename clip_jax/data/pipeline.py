@@ -342,6 +342,19 @@ def _ensure_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+def _leave_stop_signals_to_main(worker_index: int, worker_count: int):
+  """In a grain worker process: ignore SIGINT and SIGTERM.
+
+  Ctrl-C reaches the whole process group, and some schedulers signal every
+  process: the main process checkpoints and stops the workers itself
+  (clip_jax/preemption.py); a worker killed first would fail that step.
+  """
+  del worker_index, worker_count
+  import signal  # pylint: disable=g-import-not-at-top
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class DataIterator:
   """Batches from a process-local MapDataset of preprocessed examples.
 
@@ -403,7 +416,8 @@ class DataIterator:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=self._worker_count,
             per_worker_buffer_size=math.ceil(chunks_ahead /
-                                             self._worker_count)))
+                                             self._worker_count)),
+            worker_init_fn=_leave_stop_signals_to_main)
       else:
         ds = ds.to_iter_dataset(grain.ReadOptions(
             num_threads=self._read_threads,
