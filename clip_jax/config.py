@@ -165,6 +165,7 @@ MODEL_KEYS = {
     "embed_dim": (int,), "logit_scale_init": (float,),
     "logit_scale_max": (float, None), "logit_bias_init": (float, None),
     "dtype": (str,), "activation": (str,), "remat": (bool,),
+    "remat_policy": (str, None),
     "scan": (bool,),
     "image": {"variant": (str,), "image_size": (int,), "pool": (str,),
               "ln_pre": (bool, None), "patch_size": (int, None), **_TOWER_DIMS},

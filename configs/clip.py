@@ -43,6 +43,7 @@ def get_config(arg=None):
       dtype="bfloat16",
       activation="quick_gelu",
       remat=False,
+      remat_policy="none",  # 'full' / 'dots_saveable': see two_towers.py.
       scan=False,
       image=dict(variant=arg.model, image_size=224, pool="cls"),
       text=dict(variant=TEXT_FOR_IMAGE.get(arg.model, "base"),
