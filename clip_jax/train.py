@@ -24,8 +24,11 @@ with status EXIT_RESUMABLE (75, sysexits' EX_TEMPFAIL): run the same command
 again to resume. A second Ctrl-C aborts without a checkpoint. Exit statuses:
   0   the run is complete (also when re-run on a complete workdir);
   75  stopped early with a checkpoint: re-run the same command to resume;
-  1   an error (bad config, unwritable workdir, too many consecutive
-      non-finite steps, ...): re-running will not help until it is fixed.
+  2   a user error (bad config or flag, missing file, a resume with a
+      changed config): one line naming the key and the fix (clip_jax/cli.py;
+      --verbose for the traceback); re-running will not help until fixed;
+  1   any other error (unwritable workdir, too many consecutive non-finite
+      steps, a bug), with its traceback.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import cli, losses, optim, train_state
 from clip_jax import config as config_lib
 from clip_jax import metrics as metrics_lib
+from clip_jax import plot as plot_lib
 from clip_jax import preemption as preemption_lib
 from clip_jax import sharding as sharding_lib
 from clip_jax.evals import run as eval_run
@@ -319,6 +323,10 @@ def _loop(config, workdir, ckpt, writer, data_iter, dataset_size, *, model,
   def local_skipped():
     return getattr(data_iter, "num_skipped", counted_skips)
 
+  def refresh_curves():
+    if writer.enabled:  # Process 0; never raises (see plot.write_curves).
+      plot_lib.write_curves(workdir)
+
   def run_evals(step):
     names = eval_run.due(config, step, total_steps,
                          dataset_size=dataset_size)
@@ -328,6 +336,7 @@ def _loop(config, workdir, ckpt, writer, data_iter, dataset_size, *, model,
     results = eval_run.run_all(config, model, state["params"], mesh, names)
     results["eval/seconds"] = time.perf_counter() - start
     writer.write(step, results)
+    refresh_curves()
     return results
 
   if step == 0:
@@ -392,8 +401,10 @@ def _loop(config, workdir, ckpt, writer, data_iter, dataset_size, *, model,
             f"{ckpt.directory}. To resume, run {command} again (same "
             f"--workdir). Exit status {EXIT_RESUMABLE}.",
             all_processes=True)
+        refresh_curves()
         return TrainResult(last_metrics, step, total_steps,
                            stop.signal_name or "pre-emption")
+  refresh_curves()
   return TrainResult(last_metrics, step, total_steps)
 
 

@@ -48,6 +48,13 @@ def trained(tmp_path_factory):
   return workdir
 
 
+def test_every_run_writes_its_curves(trained):
+  """Not only the demo: the loop refreshes curves.png at evals and the end,
+  from metrics.jsonl."""
+  with open(trained / "curves.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def copy_of(trained, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   target = tmp_path / "run"

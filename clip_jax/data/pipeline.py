@@ -36,9 +36,9 @@ that position, so a restored iterator yields exactly the batches the
 original would have (with any worker_count).
 
 Batches (dicts of numpy arrays, leading dim b):
-  image        float32 [b, S, S, 3], normalised with mean/std; with
-               uint8_images, uint8 [b, S, S, 3] pixels (the model
-               normalises them with the same mean/std: models/two_towers);
+  image        uint8 [b, S, S, 3] pixels (uint8_images, the default: the
+               model normalises them with mean/std on the device, see
+               models/two_towers), or float32 normalised here;
   text         int32 [b, L], tokenised with the EOS policy;
   label        int32 [b], the source's class index, -1 if it has none;
   num_skipped  int32 [b]; its sum is the number of bad examples dropped
@@ -87,7 +87,9 @@ Data config keys (`config.data`, defaults in `default_data_config()`):
                     distribution; None = captions as they are.
   mean, std         per-channel normalisation of [0, 1] pixels (CLIP's).
   uint8_images      ship uint8 pixels, normalised on the device by the
-                    model (4x fewer host-to-device bytes; same values).
+                    model (4x fewer host-to-device bytes; the same values
+                    to one float32 rounding); False = float32 normalised
+                    on the host.
   tokenizer         a sentencepiece .model path, or 'emoji' = train one on
                     the emoji train captions (cached in cache_dir).
   vocab_size        vocabulary of a tokenizer trained here (the model's
@@ -151,7 +153,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       "class_name_caption": False,
       "caption_templates": config_dict.placeholder(str),
       "mean": transforms.CLIP_MEAN, "std": transforms.CLIP_STD,
-      "uint8_images": False,
+      "uint8_images": True,
       "tokenizer": "emoji", "vocab_size": 49408, "context_length": 77,
       "eos_policy": "eos", "lowercase": True,
       "worker_count": 0, "read_threads": 0, "prefetch": 2,
