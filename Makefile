@@ -6,7 +6,7 @@ NOTO_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 # 8 fake CPU devices, so multi-device code runs everywhere.
 FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: install test demo bench bench-data data lint clean
+.PHONY: install test demo bench bench-loss bench-data data lint clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,12 @@ demo: install
 bench: install
 	@# One device, as `make demo` trains.
 	$(PY) -m clip_jax.bench --out runs/bench.json
+
+bench-loss: install
+	@# Forward+backward of every loss at a 32K global batch on 8 fake devices
+	@# (tens of minutes on 2 cores); exits non-zero if a target FAILs.
+	$(PY) -m clip_jax.bench loss --global_batch 32768 --embed_dim 512 \
+	  --devices 8 --out runs/bench_loss.json
 
 data: install
 	$(PY) -m clip_jax.data.sources prepare-emoji

@@ -15,7 +15,6 @@ width, P parameter count, f the FSDP axis size, k accum_steps.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 F32 = 4
 
@@ -174,14 +173,20 @@ def ring_time(devices: int, n_per_device: int, embed_dim: int, *,
   With overlap each hop costs max(block compute, block transfer) plus the
   hop's fixed latency; the sequential ring costs their sum. A bidirectional
   ring sends blocks both ways (two links, two blocks per step), so it needs
-  ceil((d - 1) / 2) steps of twice the compute instead of d - 1.
+  ceil((d - 1) / 2) steps of up to twice the compute instead of d - 1.
   """
   block_flops = 2 * n_per_device * n_per_device * embed_dim
   transfer = n_per_device * embed_dim * F32 / link_bytes_per_s
-  steps = math.ceil((devices - 1) / 2) if bidirectional else devices - 1
-  compute = block_flops * (2 if bidirectional else 1) / flops_per_s
-  overlapped = steps * (max(compute, transfer) + hop_latency_s) + compute
-  sequential = steps * (compute + transfer + hop_latency_s) + compute
+  compute = block_flops / flops_per_s
+  if bidirectional:  # Two blocks a step (one from each side), odd one last.
+    blocks = [2] * ((devices - 1) // 2) + [1] * ((devices - 1) % 2)
+  else:
+    blocks = [1] * (devices - 1)
+  steps = len(blocks)
+  overlapped = sum(max(b * compute, transfer) + hop_latency_s
+                   for b in blocks) + compute
+  sequential = sum(b * compute + transfer + hop_latency_s
+                   for b in blocks) + compute
   return {"hops": steps, "block_compute_s": compute, "hop_transfer_s":
           transfer, "overlapped_s": overlapped, "sequential_s": sequential,
           "latency_share": steps * hop_latency_s / overlapped}
