@@ -151,6 +151,7 @@ def validate(config, *, device_count: int, process_count: int = 1) -> None:
         f"config.batch_size={config.batch_size} is not divisible by the "
         f"{process_count} processes.")
   mesh_shape(config.mesh, device_count)
+  _validate_accumulation(config, device_count)
   losses.get_loss(config.loss)  # Raises with the list of valid names.
   two_towers.validate_model_config(config.model)
   if config.lr <= 0:
@@ -161,6 +162,28 @@ def validate(config, *, device_count: int, process_count: int = 1) -> None:
       raise ValueError(
           f"config.sharding_rules entry {rule!r}: expected "
           "(regex, 'replicate' | 'fsdp').")
+
+
+def _validate_accumulation(config, device_count: int) -> None:
+  accum, mode = config.get("accum_steps", 1), config.get("accum_mode", "exact")
+  if mode not in ("exact", "naive"):
+    raise ValueError(
+        f"config.accum_mode={mode!r} is not one of ('exact', 'naive').")
+  if not isinstance(accum, int) or accum < 1:
+    raise ValueError(f"config.accum_steps={accum!r} must be an integer >= 1.")
+  per_device = config.batch_size // device_count
+  if per_device % accum:
+    raise ValueError(
+        f"config.accum_steps={accum} does not divide the per-device batch "
+        f"{per_device} (batch_size {config.batch_size} / {device_count} "
+        "devices): each micro-batch takes per_device / accum_steps rows of "
+        "every device. Choose accum_steps among the divisors of "
+        f"{per_device}, or a batch_size that is a multiple of "
+        f"{device_count * accum}.")
+  limit = config.get("max_consecutive_nonfinite", 1)
+  if not isinstance(limit, int) or limit < 1:
+    raise ValueError(
+        f"config.max_consecutive_nonfinite={limit!r} must be an integer >= 1.")
 
 
 def save(config, workdir: str) -> str:
@@ -201,6 +224,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3        # Older checkpoints are deleted.
 
   c.loss = "softmax"            # Key of losses.LOSSES.
+  # Gradient accumulation (see clip_jax/train_state.py): each step runs the
+  # global batch as accum_steps micro-batches, each spread over all devices.
+  # 'exact': the full-batch contrastive gradient (GradCache); 'naive': each
+  # micro-batch's own loss, gradients averaged (an ablation baseline).
+  c.accum_steps = 1
+  c.accum_mode = "exact"
+  # Stop the run after this many consecutive non-finite (skipped) steps.
+  c.max_consecutive_nonfinite = 10
 
   # Model: see clip_jax/models/two_towers.py for each key.
   c.model = ml_collections.ConfigDict()

@@ -11,6 +11,14 @@ Config keys (top level of the experiment config):
   schedule:       'cosine' | 'linear' | 'constant' after the linear warmup.
   min_lr_ratio:   final lr as a fraction of `lr` for 'cosine'/'linear'.
   warmup_*:       warmup duration (steps/examples/epochs, see config.steps).
+
+The chain is wrapped in optax.apply_if_finite: a step whose gradients are not
+all finite is skipped (no update; the inner state, including Adam's moments,
+its count and the lr schedule's count, is left as it was) and counted in the
+state (`notfinite_count` consecutive, `total_notfinite` over the run, both in
+the checkpoint). apply_if_finite would give up and apply the non-finite update
+after `max_consecutive_errors` skips; it is set so high that it never does:
+the training loop stops the run at config.max_consecutive_nonfinite instead.
 """
 
 from __future__ import annotations
@@ -18,9 +26,12 @@ from __future__ import annotations
 import re
 
 import jax
+import numpy as np
 import optax
 
 SCHEDULES = ("cosine", "linear", "constant")
+# apply_if_finite's counter saturates at the int32 maximum, never above it.
+NEVER_GIVE_UP = int(np.iinfo(np.int32).max)
 
 
 def path_str(path) -> str:
@@ -79,4 +90,4 @@ def make_optimizer(config, params, *, total_steps: int, warmup_steps: int):
   chain.append(optax.adamw(
       schedule, b1=config.adam.b1, b2=config.adam.b2, eps=config.adam.eps,
       weight_decay=config.wd, mask=decay_mask(params, config.wd_exclude)))
-  return optax.chain(*chain), schedule
+  return optax.apply_if_finite(optax.chain(*chain), NEVER_GIVE_UP), schedule

@@ -134,7 +134,8 @@ def train(config, workdir: str, *, data=None):
 
   step_fn = train_state.make_train_step(
       model, tx, loss_fn, schedule, mesh, shardings,
-      max_log_logit_scale=two_towers.max_log_logit_scale(config.model))
+      max_log_logit_scale=two_towers.max_log_logit_scale(config.model),
+      accum_steps=config.accum_steps, accum_mode=config.accum_mode)
   preemption = _Preemption()
   has_bias = config.model.get("logit_bias_init") is not None
   step = int(jax.device_get(state["step"]))

@@ -47,3 +47,41 @@ def test_adamw_matches_formula():
   np.testing.assert_allclose(new["w"], 2.0 - 0.1 * (adam_step + 0.5 * 2.0),
                              rtol=1e-6)
   np.testing.assert_allclose(new["b"], 2.0 - 0.1 * adam_step, rtol=1e-6)
+
+
+def test_adam_moments_get_their_params_sharding():
+  """An anchored rule ('^img/') shards the moments like the params.
+
+  Matching the rules against optimiser-state paths ('0/mu/img/...') would
+  miss '^img/' and silently replicate every moment.
+  """
+  import jax
+  from jax.sharding import PartitionSpec as P
+
+  from clip_jax import sharding as sharding_lib
+  from clip_jax import train_state
+  from clip_jax.models import two_towers
+
+  config = config_lib.load_config_file("configs/clip.py", "tiny,batch=32")
+  config.mesh.data, config.mesh.fsdp = 2, 4
+  config.sharding_rules = [("^img/", "fsdp")]
+  mesh = sharding_lib.make_mesh(config.mesh)
+  model = two_towers.build_model(config.model)
+  tx, _ = optim.make_optimizer(config, train_state.param_shapes(model, config),
+                               total_steps=10, warmup_steps=0)
+  state, _ = train_state.create_state(model, tx, config, mesh)
+  params = {optim.path_str(p): x.sharding.spec for p, x in
+            jax.tree_util.tree_leaves_with_path(state["params"])}
+  # The rule itself: the image tower is split over 'fsdp', nothing else.
+  assert params["img/encoder/block0/mlp/fc1/kernel"] == P(None, "fsdp")
+  assert params["img_proj/kernel"] == P()
+  assert all(spec == P() for name, spec in params.items()
+             if not name.startswith("img/"))
+  for moment in ("mu", "nu"):
+    (tree,) = optax.tree_utils.tree_get_all_with_path(state["opt"], moment)
+    specs = {optim.path_str(p): x.sharding.spec
+             for p, x in jax.tree_util.tree_leaves_with_path(tree[1])}
+    assert specs == params, moment
+  counts = [x for p, x in jax.tree_util.tree_leaves_with_path(state["opt"])
+            if x.ndim == 0]
+  assert counts and all(x.sharding.spec == P() for x in counts)

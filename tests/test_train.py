@@ -75,20 +75,110 @@ def test_multi_device_equals_single_device(loss):
         params, ref_params)
 
 
-def test_logit_scale_is_capped():
-  config = _config("softmax", "replicate")
-  config.model.logit_scale_init = 99.9
-  config.lr = 1.0  # Large steps push the scale past the cap at once.
+def _step_fn(config, loss_fn, max_log_logit_scale, total_steps=2,
+             warmup_steps=0):
   mesh = sharding_lib.make_mesh(config.mesh)
   model = two_towers.build_model(config.model)
   shapes = train_state.param_shapes(model, config)
-  tx, schedule = optim.make_optimizer(config, shapes, total_steps=2,
-                                      warmup_steps=0)
+  tx, schedule = optim.make_optimizer(config, shapes, total_steps=total_steps,
+                                      warmup_steps=warmup_steps)
   state, shardings = train_state.create_state(model, tx, config, mesh)
   step_fn = train_state.make_train_step(
-      model, tx, losses.get_loss("softmax"), schedule, mesh, shardings,
-      max_log_logit_scale=np.log(100.0))
+      model, tx, loss_fn, schedule, mesh, shardings,
+      max_log_logit_scale=max_log_logit_scale)
+  return step_fn, state, mesh
+
+
+def _matched_softmax(zimg, ztxt, logit_scale, logit_bias, mesh=None):
+  """InfoNCE with perfectly matched pairs (texts = images).
+
+  Each positive is its row's largest logit, so the loss always wants a larger
+  scale: the regime where CLIP's cap binds.
+  """
+  del ztxt
+  return losses.softmax_loss(zimg, zimg, logit_scale, logit_bias, mesh=mesh)
+
+
+@pytest.mark.parametrize("capped", [True, False])
+def test_logit_scale_is_capped(capped):
+  config = _config("softmax", "replicate")
+  config.model.logit_scale_init = 99.9
+  config.lr = 1.0  # Adam's first step moves the log-scale by +-lr = 1.
+  cap = np.log(100.0) if capped else None
+  step_fn, state, mesh = _step_fn(config, _matched_softmax, cap)
   batch = sharding_lib.host_to_global(_batch(config), mesh)
   for _ in range(2):
     state, _ = step_fn(state, batch)
+  scale = float(np.exp(state["params"]["logit_scale"]))
+  if capped:
+    np.testing.assert_allclose(scale, 100.0, rtol=1e-6)  # It binds.
+  else:  # The control: the same run without the cap goes past 100.
+    assert scale > 100.0 * np.e ** 0.9
+
+
+def _bits(tree):
+  """Every leaf as its raw bytes: equality here is bit for bit (-0.0, NaN)."""
+  return [np.asarray(x).tobytes() for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+  config = _config("softmax", "replicate")
+  config.schedule = "linear"
+  # Warmup: the lr differs at every step, so a schedule that counted the
+  # skipped steps would give different params after the good ones.
+  step_fn, initial, mesh = _step_fn(
+      config, losses.get_loss("softmax"), np.log(100.0), total_steps=10,
+      warmup_steps=4)
+  # Above the cap (as after resuming with a lower cap): a skipped step must
+  # not clamp it either.
+  initial["params"]["logit_scale"] = jax.device_put(
+      np.float32(np.log(150.0)), initial["params"]["logit_scale"].sharding)
+  host_initial = jax.device_get(initial)
+  good = [sharding_lib.host_to_global(_batch(config, seed=i), mesh)
+          for i in range(2)]
+  bad = _batch(config)
+  bad["image"][3] = np.nan  # One bad example poisons the whole step.
+  bad = sharding_lib.host_to_global(bad, mesh)
+
+  state = jax.tree_util.tree_map(lambda x: x.copy(), initial)
+  counters = []
+  for batch in (bad, bad):
+    state, metrics = step_fn(state, batch)
+    counters.append((int(metrics["train/nonfinite_steps"]),
+                     int(metrics["train/nonfinite_consecutive"])))
+    after = jax.device_get(state)
+    assert _bits(after["params"]) == _bits(host_initial["params"])
+    assert (_bits(after["opt"].inner_state)
+            == _bits(host_initial["opt"].inner_state))
+  assert counters == [(1, 1), (2, 2)]
+  assert int(state["step"]) == 2  # Batches consumed, skipped ones included.
+  lrs = []
+  for batch in good:
+    state, metrics = step_fn(state, batch)
+    lrs.append(float(metrics["lr"]))
+    assert (int(metrics["train/nonfinite_steps"]),
+            int(metrics["train/nonfinite_consecutive"])) == (2, 0)
+  assert int(state["opt"].total_notfinite) == 2  # Saved with the state.
+
+  # The reference: the same good batches without the bad ones before.
+  reference = initial
+  for batch in good:
+    reference, ref_metrics = step_fn(reference, batch)
+  assert _bits(jax.device_get(state["params"])) == _bits(
+      jax.device_get(reference["params"]))
+  assert lrs[-1] == float(ref_metrics["lr"]) == np.float32(config.lr / 4)
   assert float(np.exp(state["params"]["logit_scale"])) <= 100.0 * (1 + 1e-6)
+
+
+def test_nonfinite_loss_with_finite_gradients_is_skipped():
+  def infinite_loss(*args, mesh=None):
+    return (losses.softmax_loss(*args, mesh=mesh)
+            + jax.lax.stop_gradient(np.float32(np.inf)))
+
+  config = _config("softmax", "replicate")
+  step_fn, state, mesh = _step_fn(config, infinite_loss, None)
+  before = jax.device_get(state["params"])
+  state, metrics = step_fn(
+      state, sharding_lib.host_to_global(_batch(config), mesh))
+  assert int(metrics["train/nonfinite_steps"]) == 1
+  assert _bits(jax.device_get(state["params"])) == _bits(before)

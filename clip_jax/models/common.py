@@ -17,6 +17,16 @@ import jax
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# What a rematerialised block keeps for the backward pass (jax.checkpoint
+# policies); the rest is recomputed. 'none' = no remat (everything kept),
+# 'full' = only the block's input kept.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable":
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 LN_EPS = 1e-5
 
 
@@ -48,6 +58,20 @@ def get_activation(name: str) -> Callable:
     raise ValueError(f"config.model.activation={name!r} is not one of "
                      f"{sorted(ACTIVATIONS)}.")
   return ACTIVATIONS[name]
+
+
+def check_remat_policy(name: str) -> str:
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat_policy={name!r} is not one of "
+                     f"{sorted(REMAT_POLICIES)}.")
+  return name
+
+
+def remat_block(block, policy_name: str, **kwargs):
+  """nn.remat(block) with the named policy; the block itself for 'none'."""
+  if check_remat_policy(policy_name) == "none":
+    return block
+  return nn.remat(block, policy=REMAT_POLICIES[policy_name], **kwargs)
 
 
 def layer_norm(dtype, name: str) -> nn.LayerNorm:
@@ -136,22 +160,21 @@ class Encoder(nn.Module):
   heads: int
   activation: str
   dtype: Any
-  remat: bool = False
+  remat_policy: str = "none"  # A REMAT_POLICIES name.
   scan: bool = False
 
   @nn.compact
   def __call__(self, x, mask=None):
     if self.scan:
-      block = _ScanBlock
-      if self.remat:
-        block = nn.remat(block, prevent_cse=False)
+      # Inside scan, CSE cannot merge the recomputation with the forward.
+      block = remat_block(_ScanBlock, self.remat_policy, prevent_cse=False)
       x, _ = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True},
           in_axes=nn.broadcast, length=self.depth)(
               self.mlp_dim, self.heads, self.activation, self.dtype,
               name="blocks")(x, mask)
       return x
-    block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
+    block = remat_block(EncoderBlock, self.remat_policy)
     for i in range(self.depth):
       x = block(self.mlp_dim, self.heads, self.activation, self.dtype,
                 name=f"block{i}")(x, mask)

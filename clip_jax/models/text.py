@@ -73,7 +73,7 @@ class TextTransformer(nn.Module):
   pad_id: int = 0
   activation: str = "quick_gelu"
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat_policy: str = "none"  # common.REMAT_POLICIES name.
   scan: bool = False
 
   @nn.compact
@@ -96,14 +96,16 @@ class TextTransformer(nn.Module):
     if self.causal:
       mask = nn.combine_masks(mask, nn.make_causal_mask(tokens))
     x = common.Encoder(self.depth, self.mlp_dim, self.heads, self.activation,
-                       self.dtype, self.remat, self.scan, name="encoder")(
+                       self.dtype, self.remat_policy, self.scan,
+                       name="encoder")(
                            x, mask)
     x = common.layer_norm(self.dtype, "ln_final")(x)
     return pool_tokens(x, tokens, self.pool, eos_id=self.eos_id,
                        pad_id=self.pad_id)
 
 
-def build(text_config, *, activation, dtype, remat, scan) -> TextTransformer:
+def build(text_config, *, activation, dtype, remat_policy,
+          scan) -> TextTransformer:
   dims = common.resolve_variant(text_config, VARIANTS, "text")
   if text_config.pool not in POOLS:
     raise ValueError(
@@ -117,4 +119,4 @@ def build(text_config, *, activation, dtype, remat, scan) -> TextTransformer:
       context_length=text_config.context_length, pool=text_config.pool,
       causal=text_config.causal, eos_id=text_config.eos_id,
       pad_id=text_config.pad_id, activation=activation, dtype=dtype,
-      remat=remat, scan=scan)
+      remat_policy=remat_policy, scan=scan)

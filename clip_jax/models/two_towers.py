@@ -14,8 +14,18 @@ Model config keys (`config.model`):
   activation        'gelu' (tanh approximation, SigLIP / big_vision) |
                     'gelu_exact' (erf, PyTorch's nn.GELU) | 'quick_gelu'
                     (OpenAI CLIP's x * sigmoid(1.702 x)).
-  remat             rematerialise each transformer block in the backward pass
-                    (nn.remat; same values and grads, less activation memory).
+  remat_policy      what each transformer block keeps for the backward pass
+                    (nn.remat with a jax.checkpoint policy); same values and
+                    grads whatever it is, less activation memory for more
+                    recomputation: 'none' (no remat: keep everything),
+                    'full' (keep only each block's input, recompute the
+                    rest), 'dots_saveable' (keep matmul outputs, recompute
+                    the elementwise ops, layer norms and softmax),
+                    'dots_with_no_batch_dims_saveable' (keep only matmuls
+                    against weights, recompute attention's batched ones too).
+                    Optional; default: from `remat`.
+  remat             the older boolean: True = remat_policy 'full'. Setting
+                    remat=True with remat_policy='none' is an error.
   scan              nn.scan over the blocks: params of block i are row i of
                     one stacked 'encoder/blocks/block' subtree instead of
                     'encoder/block{i}'; same outputs for the same weights.
@@ -96,7 +106,8 @@ def build_model(model_config) -> TwoTowers:
   dtype = common.parse_dtype(model_config.dtype)
   common.get_activation(model_config.activation)
   shared = dict(activation=model_config.activation, dtype=dtype,
-                remat=model_config.remat, scan=model_config.scan)
+                remat_policy=remat_policy(model_config),
+                scan=model_config.scan)
   if model_config.embed_dim <= 0:
     raise ValueError(
         f"config.model.embed_dim={model_config.embed_dim} must be > 0.")
@@ -116,6 +127,20 @@ def build_model(model_config) -> TwoTowers:
       logit_scale_init=model_config.logit_scale_init,
       logit_bias_init=model_config.get("logit_bias_init"),
       dtype=dtype)
+
+
+def remat_policy(model_config) -> str:
+  """The effective common.REMAT_POLICIES name of `remat_policy` / `remat`."""
+  policy = model_config.get("remat_policy")
+  remat = bool(model_config.get("remat", False))
+  if policy is None:
+    return "full" if remat else "none"
+  common.check_remat_policy(policy)
+  if remat and policy == "none":
+    raise ValueError(
+        "config.model.remat=True contradicts config.model.remat_policy="
+        "'none'; set only remat_policy (remat=True means 'full').")
+  return policy
 
 
 def validate_model_config(model_config) -> None:

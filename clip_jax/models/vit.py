@@ -72,7 +72,7 @@ class ViT(nn.Module):
   ln_pre: bool = True
   activation: str = "quick_gelu"
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat_policy: str = "none"  # common.REMAT_POLICIES name.
   scan: bool = False
 
   @nn.compact
@@ -100,7 +100,8 @@ class ViT(nn.Module):
     if self.ln_pre:
       x = common.layer_norm(self.dtype, "ln_pre")(x)
     x = common.Encoder(self.depth, self.mlp_dim, self.heads, self.activation,
-                       self.dtype, self.remat, self.scan, name="encoder")(x)
+                       self.dtype, self.remat_policy, self.scan,
+                       name="encoder")(x)
     x = common.layer_norm(self.dtype, "ln_post")(x)
     if self.pool == "cls":
       return x[:, 0]
@@ -108,7 +109,8 @@ class ViT(nn.Module):
                    name="map_head")(x)
 
 
-def build(image_config, *, activation, dtype, remat, scan) -> ViT:
+def build(image_config, *, activation, dtype, remat_policy,
+          scan) -> ViT:
   dims = common.resolve_variant(image_config, VARIANTS, "image")
   if image_config.pool not in POOLS:
     raise ValueError(
@@ -120,4 +122,5 @@ def build(image_config, *, activation, dtype, remat, scan) -> ViT:
   return ViT(**dims, image_size=image_config.image_size,
              pool=image_config.pool,
              ln_pre=bool(image_config.get("ln_pre", True)),
-             activation=activation, dtype=dtype, remat=remat, scan=scan)
+             activation=activation, dtype=dtype, remat_policy=remat_policy,
+             scan=scan)
