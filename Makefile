@@ -6,7 +6,7 @@ NOTO_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 # 8 fake CPU devices, so multi-device code runs everywhere.
 FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: install test demo bench bench-loss bench-data data lint clean
+.PHONY: install test demo bench bench-loss bench-32k bench-data data lint clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,12 @@ bench-loss: install
 	@# (tens of minutes on 2 cores); exits non-zero if a target FAILs.
 	$(PY) -m clip_jax.bench loss --global_batch 32768 --embed_dim 512 \
 	  --devices 8 --out runs/bench_loss.json
+
+bench-32k: install
+	@# Real training steps at a 32,768 global batch (tiny towers, 32 px,
+	@# accum_steps 4) on 8 fake devices, loss checked against float64.
+	$(PY) -m clip_jax.bench step32k --devices 8 --accum_steps 4 \
+	  --out runs/bench_step32k.json
 
 data: install
 	$(PY) -m clip_jax.data.sources prepare-emoji
