@@ -391,3 +391,31 @@ if __name__ == "__main__":
   print(communication_table(), "\n")
   print(fit_table(), "\n")
   print(ring_table())
+
+
+# ---------------------------------------------------------------- step time
+
+def tower_forward_flops(tower: Tower, embed_params: int = 0) -> float:
+  """Forward FLOPs per example: 2 x (matmul params) x tokens + attention.
+
+  embed_params: parameters used by lookup, not matmul (token / position
+  embeddings), left out of the 2 P L term. Attention adds q k^T and p v:
+  2 x 2 x L^2 x width per block.
+  """
+  matmul = tower.params - embed_params
+  return (2 * matmul * tower.tokens +
+          4 * tower.tokens ** 2 * tower.width * tower.depth)
+
+
+def step_seconds(s: Setting, peak_flops_per_s: float, mfu: float = 0.5,
+                 vocab_size: int = 49408) -> float:
+  """Compute time of one step: forward + backward (3x forward), one more
+  forward with remat, and one more with exact accumulation (the embedding
+  pass), at `mfu` of the cluster's peak. Communication is assumed hidden."""
+  text_embed = (vocab_size + s.text.tokens) * s.text.width
+  image_embed = s.image.tokens * s.image.width
+  forward = (tower_forward_flops(s.image, image_embed) +
+             tower_forward_flops(s.text, text_embed))
+  passes = 3 + s.remat + (s.accum_steps > 1)
+  return (passes * forward * s.global_batch /
+          (s.devices * peak_flops_per_s * mfu))
