@@ -6,12 +6,12 @@ NOTO_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 # 8 fake CPU devices, so multi-device code runs everywhere.
 FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: help install test demo bench bench-data data lint tensorboard clean
+.PHONY: help install test demo bench bench-loss bench-32k bench-data data lint tensorboard clean
 
 help:  ## List the targets
 	@echo "make TARGET, each usable on a fresh clone (installs what it needs):"
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) \
-	  | sed -E 's/^([a-z-]+):.*## (.*)/  \1\t\2/' | expand -t 16
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) \
+	  | sed -E 's/^([a-z0-9-]+):.*## (.*)/  \1\t\2/' | expand -t 16
 
 install: $(VENV)/.installed  ## Create .venv with the pinned requirements
 
@@ -39,6 +39,18 @@ demo: install  ## Train configs/demo.py on the emoji data, print results
 bench: install  ## Benchmarks -> runs/bench.json
 	@# One device, as `make demo` trains.
 	$(PY) -m clip_jax.bench --out runs/bench.json
+
+bench-loss: install  ## Every loss at a 32K batch on 8 fake devices -> runs/bench_loss.json
+	@# Forward+backward of every loss at a 32K global batch on 8 fake devices
+	@# (tens of minutes on 2 cores); exits non-zero if a target FAILs.
+	$(PY) -m clip_jax.bench loss --global_batch 32768 --embed_dim 512 \
+	  --devices 8 --out runs/bench_loss.json
+
+bench-32k: install  ## Training steps at a 32K batch on 8 fake devices
+	@# Real training steps at a 32,768 global batch (tiny towers, 32 px,
+	@# accum_steps 4) on 8 fake devices, loss checked against float64.
+	$(PY) -m clip_jax.bench step32k --devices 8 --accum_steps 4 \
+	  --out runs/bench_step32k.json
 
 data: install  ## Prepare the built-in emoji dataset
 	$(PY) -m clip_jax.data.sources prepare-emoji

@@ -1,7 +1,13 @@
 """Benchmarks (not tests): print figures and write JSON.
 
-  python -m clip_jax.bench [--config configs/demo.py] [--out runs/bench.json]
+  python -m clip_jax.bench [step] [--config configs/demo.py] [--out ...]
+  python -m clip_jax.bench loss --global_batch 32768 --embed_dim 512 \
+      --devices 8 [--repeats 3] [--check_batch 2048] [--out ...]
+  python -m clip_jax.bench step32k --devices 8 [--accum_steps 4] \
+      [--global_batch 32768] [--config configs/clip.py:tiny] \
+      [--timed_steps 2]
 
+`step` (the default):
   train_step   examples/s the jitted train step consumes on a fixed batch
                (median over timed windows, after compilation);
   pipeline     examples/s the input pipeline produces for the same config,
@@ -13,28 +19,74 @@
                is the share of the loop's time the input costs.
 The machine is shared and noisy, so all are medians of several windows
 measured in the same run, and the ratios are the figures to compare.
+
+`loss`: forward + backward of every registered loss (losses.LOSSES) on a
+global batch of random unit embeddings split over --devices fake CPU devices:
+seconds (median of --repeats calls after one warm-up), per-device temporary
+memory from the compiled memory analysis, the collectives of the compiled
+HLO (kind, count, bytes per device; see clip_jax.hlo), and agreement of the
+value and gradients with a float64 NumPy dense loss at --check_batch. Each
+target prints PASS or FAIL:
+  memory     softmax: temp <= 1.1 x (its [n, N] logits block + its gathers);
+             sigmoid: temp <= 1.1 x (4 [n, n] blocks + its gathers);
+             sigmoid_chunked: temp <= 1.1 x 4 [n, n] blocks (n = N / d);
+  no N x N   no array of N * N elements or more anywhere in the HLO;
+  all-reduce every all-reduced array is smaller than one [n, D] block (the
+             embedding gradients come back by reduce-scatter or the ring);
+  dense      value and gradients within 1e-4 (relative to their largest
+             entry) of the float64 NumPy loss.
+
+`step32k`: real training steps (both towers, loss, backward, AdamW) at a
+global batch of 32,768 with the tiny CLIP (32 px) and exact gradient
+accumulation: seconds per step (median of --timed_steps after the first),
+peak RSS, per-device memory from the compiled analysis, and the first
+step's loss against a float64 NumPy dense loss (chunked) on the same
+embeddings (PASS within 1e-4 relative).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
 import time
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
 from clip_jax import config as config_lib
+from clip_jax import hlo as hlo_lib
 from clip_jax import losses, optim, train_state
 from clip_jax import sharding as sharding_lib
 from clip_jax.models import two_towers
 
 _CONFIG = flags.DEFINE_string("config", "configs/demo.py", "Config[:args].")
-_OUT = flags.DEFINE_string("out", "runs/bench.json", "JSON output path.")
+_OUT = flags.DEFINE_string(
+    "out", None, "JSON output path (default runs/bench.json, or "
+    "runs/bench_<command>.json for the other commands).")
 _WINDOWS = flags.DEFINE_integer("windows", 5, "Timed windows per figure.")
 _STEPS = flags.DEFINE_integer("steps_per_window", 3, "Steps per window.")
+_GLOBAL_BATCH = flags.DEFINE_integer("global_batch", 32768,
+                                     "loss: global batch N.")
+_EMBED_DIM = flags.DEFINE_integer("embed_dim", 512, "loss: embedding width D.")
+_DEVICES = flags.DEFINE_integer(
+    "devices", None, "Fake CPU devices (set before JAX starts its backend); "
+    "default: whatever XLA_FLAGS gives.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "loss: timed calls per loss.")
+_CHECK_BATCH = flags.DEFINE_integer(
+    "check_batch", 2048, "loss: batch of the float64 dense agreement check.")
+_LOSSES = flags.DEFINE_list("losses", None, "loss: names (default: all).")
+_ACCUM = flags.DEFINE_integer("accum_steps", 4, "step32k: micro-batches.")
+_TIMED_STEPS = flags.DEFINE_integer(
+    "timed_steps", 2, "step32k: timed steps after the first (compiling) one.")
+_SCALE, _BIAS = 10.0, -10.0  # SigLIP's initial logit scale and bias.
+_DENSE_RTOL = 1e-4
+_FEW_BLOCKS = 4  # [n, n] blocks a tiled loss may hold: logits, their
+# gradient, one elementwise temporary, and one being filled.
 
 
 def _median_rate(fn, examples_per_call: int, windows: int, calls: int):
@@ -114,9 +166,7 @@ def bench_pipeline(config, windows: int, calls: int):
                         calls)
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
+def main_step():
   path, _, arg = _CONFIG.value.partition(":")
   config = config_lib.load_config_file(path, arg or None)
   step_rate, step_all = bench_train_step(config, _WINDOWS.value, _STEPS.value)
@@ -143,10 +193,316 @@ def main(argv):
   print(f"train loop: {loop_rate:8.1f} examples/s (step fed by the "
         f"pipeline on the same cores: the input costs "
         f"{100 * (1 - loop_rate / step_rate):.0f}% of the loop's time)")
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, "w") as f:
+  _write_json(result, _OUT.value or "runs/bench.json")
+
+
+def _write_json(result, path):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
     json.dump(result, f, indent=2)
-  print(f"wrote {_OUT.value}")
+  print(f"wrote {path}")
+
+
+def _batch_mesh(devices: int):
+  """All devices on 'data': the loss sees the batch split d ways."""
+  return sharding_lib.make_mesh(
+      ml_collections.ConfigDict(dict(data=devices, fsdp=1)),
+      jax.devices()[:devices])
+
+
+def _unit_pairs(n: int, d: int, seed: int, sharding):
+  """Random unit [n, d] image/text embeddings, correlated pairs, sharded."""
+  def make(key):
+    a, noise = jax.random.normal(key, (2, n, d), jnp.float32)
+    b = a + 0.7 * noise
+    unit = lambda x: x / jnp.linalg.norm(x, axis=1, keepdims=True)
+    return unit(a), unit(b)
+
+  return jax.jit(make, out_shardings=(sharding, sharding))(
+      jax.random.key(seed))
+
+
+def _loss_grad_fn(name: str, mesh):
+  return jax.jit(jax.value_and_grad(
+      functools.partial(losses.get_loss(name), mesh=mesh),
+      argnums=(0, 1, 2, 3)))
+
+
+def numpy_loss_and_grads(name, a, b, scale, bias):
+  """float64 dense value and grads (a, b, scale, bias): the reference."""
+  n = len(a)
+  sim = a @ b.T
+  if name == "softmax":
+    z = scale * sim
+
+    def softmax(x, axis):
+      e = np.exp(x - x.max(axis=axis, keepdims=True))
+      return e / e.sum(axis=axis, keepdims=True)
+
+    def lse(x, axis):
+      m = x.max(axis=axis)
+      return m + np.log(np.exp(x - np.expand_dims(m, axis)).sum(axis=axis))
+
+    value = ((lse(z, 1) + lse(z, 0)).sum() - 2 * np.trace(z)) / (2 * n)
+    eye = np.eye(n)
+    g = (softmax(z, 1) + softmax(z, 0) - 2 * eye) / (2 * n)
+    return value, (scale * g @ b, scale * g.T @ a, (g * sim).sum(), 0.0)
+  z = scale * sim + bias
+  y = 2 * np.eye(n) - 1
+  value = np.logaddexp(0.0, -y * z).sum() / n
+  g = -y * np.exp(-np.logaddexp(0.0, y * z)) / n  # -y sigmoid(-yz) / n.
+  return value, (scale * g @ b, scale * g.T @ a, (g * sim).sum(), g.sum())
+
+
+def dense_agreement(name, mesh, n, d):
+  """Max error of value and grads vs float64 NumPy, relative to magnitude."""
+  a, b = _unit_pairs(n, d, 1, sharding_lib.batch_sharding(mesh))
+  value, grads = _loss_grad_fn(name, mesh)(a, b, jnp.float32(_SCALE),
+                                           jnp.float32(_BIAS))
+  a64, b64 = (np.asarray(x, np.float64) for x in (a, b))
+  ref_value, ref_grads = numpy_loss_and_grads(name, a64, b64, _SCALE, _BIAS)
+  errors = {"value": abs(float(value) - ref_value) / abs(ref_value)}
+  for what, got, want in zip(("zimg", "ztxt", "scale", "bias"), grads,
+                             ref_grads):
+    magnitude = max(np.abs(want).max(), 1e-12)
+    errors[what] = float(np.abs(np.asarray(got, np.float64) - want).max() /
+                         magnitude) if np.any(want) else float(
+                             np.abs(np.asarray(got)).max())
+  return errors
+
+
+def loss_targets(name, *, temp_bytes, shapes, collectives, n_global,
+                 embed_dim, devices, dense_errors):
+  """[(target, measured, limit, passed)] for one loss (see the docstring)."""
+  n = n_global // devices
+  block, gathered = 4 * n * n, 4 * n_global * embed_dim
+  memory_limit = {
+      "softmax": 1.1 * (4 * n * n_global + 2 * gathered),
+      "sigmoid": 1.1 * (_FEW_BLOCKS * block + gathered),
+      "sigmoid_chunked": 1.1 * _FEW_BLOCKS * block,
+  }.get(name)
+  biggest = max((int(np.prod(s)) for _, s in shapes), default=0)
+  reduced = max((_elements(shape) for row in collectives
+                 if row["kind"] == "all-reduce" for shape in row["shapes"]),
+                default=0)
+  worst_dense = max(dense_errors.values())
+  targets = [
+      ("no array of N*N elements", biggest, n_global * n_global - 1,
+       biggest < n_global * n_global),
+      ("all-reduced arrays < [n, D]", reduced, n * embed_dim - 1,
+       reduced < n * embed_dim),
+      ("dense float64 agreement", worst_dense, _DENSE_RTOL,
+       worst_dense <= _DENSE_RTOL),
+  ]
+  if memory_limit is not None:
+    targets.insert(0, ("temp memory per device (bytes)", temp_bytes,
+                       memory_limit, temp_bytes <= memory_limit))
+  return targets
+
+
+def _elements(shape_text: str) -> int:
+  dims = shape_text[shape_text.index("[") + 1:-1]
+  return int(np.prod([int(x) for x in dims.split(",") if x]))
+
+
+def bench_loss(name, mesh, n_global, embed_dim, repeats):
+  """Compiled facts and median seconds of forward + backward of one loss."""
+  sharding = sharding_lib.batch_sharding(mesh)
+  fn = _loss_grad_fn(name, mesh)
+  a, b = _unit_pairs(n_global, embed_dim, 0, sharding)
+  compiled = fn.lower(a, b, jnp.float32(_SCALE), jnp.float32(_BIAS)).compile()
+  memory = compiled.memory_analysis()
+  text = compiled.as_text()
+  args = (a, b, jnp.float32(_SCALE), jnp.float32(_BIAS))
+  jax.block_until_ready(compiled(*args))  # Warm-up.
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    seconds.append(time.perf_counter() - start)
+  return {
+      "seconds_median": statistics.median(seconds), "seconds": seconds,
+      "temp_bytes": int(memory.temp_size_in_bytes),
+      "argument_bytes": int(memory.argument_size_in_bytes),
+      "output_bytes": int(memory.output_size_in_bytes),
+      "collectives": hlo_lib.collectives(text, mesh.size),
+      "shapes": sorted(hlo_lib.array_shapes(text)),
+  }
+
+
+def _mib(x):
+  return f"{x / 2**20:9.1f}"
+
+
+def main_loss():
+  devices = jax.device_count()
+  mesh = _batch_mesh(devices)
+  n_global, embed_dim = _GLOBAL_BATCH.value, _EMBED_DIM.value
+  check_mesh_batch = _CHECK_BATCH.value
+  names = _LOSSES.value or sorted(losses.LOSSES)
+  print(f"loss benchmark: N={n_global} D={embed_dim} devices={devices} "
+        f"(n={n_global // devices} rows each), forward+backward, median of "
+        f"{_REPEATS.value}; dense check at N={check_mesh_batch}")
+  results, all_passed = {}, True
+  for name in names:
+    row = bench_loss(name, mesh, n_global, embed_dim, _REPEATS.value)
+    row["dense_errors"] = dense_agreement(name, mesh, check_mesh_batch,
+                                          embed_dim)
+    targets = loss_targets(
+        name, temp_bytes=row["temp_bytes"], shapes=row.pop("shapes"),
+        collectives=row["collectives"], n_global=n_global,
+        embed_dim=embed_dim, devices=devices,
+        dense_errors=row["dense_errors"])
+    row["targets"] = [dict(target=t, measured=m, limit=lim, passed=bool(ok))
+                      for t, m, lim, ok in targets]
+    results[name] = row
+    print(f"\n{name}: {row['seconds_median']:.2f} s (runs "
+          f"{', '.join(f'{x:.2f}' for x in row['seconds'])}), temp "
+          f"{_mib(row['temp_bytes']).strip()} MiB/device")
+    print(f"  {'collective':<20}{'count':>6}{'MiB/device':>12}"
+          f"{'wire MiB':>10}  shapes")
+    for c in row["collectives"]:
+      print(f"  {c['kind']:<20}{c['count']:>6}{_mib(c['bytes']):>12}"
+            f"{_mib(c['wire_bytes']):>10}  {' '.join(c['shapes'][:3])}")
+    for t, m, lim, ok in targets:
+      all_passed &= bool(ok)
+      print(f"  {'PASS' if ok else 'FAIL'}  {t}: {m:.4g} (limit {lim:.4g})")
+  _write_json({"global_batch": n_global, "embed_dim": embed_dim,
+               "devices": devices, "check_batch": check_mesh_batch,
+               "losses": results, "all_passed": all_passed},
+              _OUT.value or "runs/bench_loss.json")
+  return all_passed
+
+
+def numpy_softmax_loss_chunked(a, b, scale, rows=1024):
+  """CLIP's loss in float64, [rows, N] logits at a time (fits at N = 32K)."""
+  n = len(a)
+  row_lse = np.empty(n)
+  col_max, col_sum = np.full(n, -np.inf), np.zeros(n)
+  diag = scale * np.einsum("ij,ij->i", a, b)
+  for start in range(0, n, rows):
+    z = scale * (a[start:start + rows] @ b.T)
+    m = z.max(axis=1, keepdims=True)
+    row_lse[start:start + rows] = (m + np.log(np.exp(z - m).sum(
+        axis=1, keepdims=True)))[:, 0]
+    new_max = np.maximum(col_max, z.max(axis=0))
+    col_sum = col_sum * np.exp(col_max - new_max) + np.exp(
+        z - new_max).sum(axis=0)
+    col_max = new_max
+  col_lse = col_max + np.log(col_sum)
+  return ((row_lse - diag).sum() + (col_lse - diag).sum()) / (2 * n)
+
+
+def numpy_sigmoid_loss_chunked(a, b, scale, bias, rows=1024):
+  """SigLIP's loss in float64 (sum over pairs / N), [rows, N] at a time."""
+  n, total = len(a), 0.0
+  for start in range(0, n, rows):
+    z = scale * (a[start:start + rows] @ b.T) + bias
+    labels = -np.ones_like(z)
+    idx = np.arange(min(rows, n - start))
+    labels[idx, start + idx] = 1.0
+    total += np.logaddexp(0.0, -labels * z).sum()
+  return total / n
+
+
+def _rss_gib():
+  import resource  # pylint: disable=g-import-not-at-top
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main_step32k():
+  """Real training steps at global batch 32,768 (tiny towers, 32 px)."""
+  path, _, arg = _CONFIG.value.partition(":")
+  if path == "configs/demo.py":  # The flag's default: use the tiny CLIP.
+    path, arg = "configs/clip.py", "tiny"
+  config = config_lib.load_config_file(path, arg or None)
+  # The tiny recipe shrinks the batch; --global_batch sets it back.
+  config.batch_size = _GLOBAL_BATCH.value
+  config.mesh.data, config.mesh.fsdp = jax.device_count(), 1
+  accum = _ACCUM.value
+  mesh = sharding_lib.make_mesh(config.mesh)
+  model = two_towers.build_model(config.model)
+  tx, schedule = optim.make_optimizer(
+      config, train_state.param_shapes(model, config), total_steps=10**6,
+      warmup_steps=0)
+  state, shardings = train_state.create_state(model, tx, config, mesh)
+  step = train_state.make_train_step(
+      model, tx, losses.get_loss(config.loss), schedule, mesh, shardings,
+      max_log_logit_scale=two_towers.max_log_logit_scale(config.model),
+      accum_steps=accum)
+  rng = np.random.default_rng(0)
+  n, size = config.batch_size, config.model.image.image_size
+  length = config.model.text.context_length
+  batch = sharding_lib.host_to_global({
+      "image": rng.normal(size=(n, size, size, 3)).astype(np.float32),
+      "text": rng.integers(3, config.model.text.vocab_size,
+                           (n, length)).astype(np.int32)}, mesh)
+  print(f"step32k: N={n}, {size} px, loss={config.loss}, "
+        f"accum_steps={accum}, {jax.device_count()} devices")
+  # The dense reference: embeddings of the same batch under the params the
+  # first step differentiates (its reported loss is at those params).
+  zimg, ztxt, out = jax.jit(lambda p, b: train_state.embed(model, p, b))(
+      state["params"], batch)
+  a, b = (np.asarray(x, np.float64) for x in (zimg, ztxt))
+  scale = float(out["logit_scale"])
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  seconds, first_loss = [], None
+  for i in range(1 + _TIMED_STEPS.value):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    metrics = jax.device_get(metrics)
+    if i:
+      seconds.append(time.perf_counter() - start)
+    else:
+      first_loss = float(metrics["loss"])
+  if config.loss == "softmax":
+    reference = numpy_softmax_loss_chunked(a, b, scale)
+  else:
+    reference = numpy_sigmoid_loss_chunked(a, b, scale,
+                                           float(out["logit_bias"]))
+  error = abs(first_loss - reference) / abs(reference)
+  result = {
+      "global_batch": n, "image_size": size, "loss_name": config.loss,
+      "accum_steps": accum, "devices": jax.device_count(),
+      "compile_seconds": compile_s,
+      "seconds_per_step_median": statistics.median(seconds),
+      "seconds_per_step": seconds, "peak_rss_gib": _rss_gib(),
+      "temp_bytes_per_device": int(memory.temp_size_in_bytes),
+      "argument_bytes_per_device": int(memory.argument_size_in_bytes),
+      "loss": first_loss, "dense_float64_loss": reference,
+      "relative_error": error, "passed": bool(error <= _DENSE_RTOL),
+  }
+  print(f"  {result['seconds_per_step_median']:.1f} s/step (median of "
+        f"{len(seconds)}; compile {compile_s:.0f} s), peak RSS "
+        f"{result['peak_rss_gib']:.2f} GiB, per device: temp "
+        f"{_mib(memory.temp_size_in_bytes).strip()} MiB, arguments "
+        f"{_mib(memory.argument_size_in_bytes).strip()} MiB")
+  print(f"  {'PASS' if result['passed'] else 'FAIL'}  loss {first_loss:.6f} "
+        f"vs float64 dense {reference:.6f} (relative error {error:.2e}, "
+        f"limit {_DENSE_RTOL})")
+  _write_json(result, _OUT.value or "runs/bench_step32k.json")
+  return result["passed"]
+
+
+COMMANDS = {"step": main_step, "loss": main_loss, "step32k": main_step32k}
+
+
+def main(argv):
+  command = argv[1] if len(argv) > 1 else "step"
+  if command not in COMMANDS or len(argv) > 2:
+    raise app.UsageError(
+        f"Unknown command {' '.join(argv[1:])!r}; expected one of "
+        f"{', '.join(COMMANDS)} (default step).")
+  if _DEVICES.value is not None:
+    # Must precede the first use of the backend (nothing above touches it).
+    jax.config.update("jax_num_cpu_devices", _DEVICES.value)
+  logging.set_verbosity(logging.WARNING)
+  passed = COMMANDS[command]()
+  if passed is False:
+    raise SystemExit("some targets FAILED (see above)")
 
 
 if __name__ == "__main__":

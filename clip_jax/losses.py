@@ -110,19 +110,24 @@ def _tiled_logsumexp(rows, keys, scale, tile):
   [n, tile] block of logits exists at a time; the custom gradient recomputes
   each block from the saved logsumexp instead of storing the [n, N] logits.
   """
-  def step(carry, block_keys):
+  def block_logits(t):
+    return scale * (rows @ jax.lax.dynamic_slice_in_dim(keys, t * tile,
+                                                        tile).T)
+
+  def step(t, carry):
     running_max, running_sum = carry
-    logits = scale * (rows @ block_keys.T)
+    logits = block_logits(t)
     new_max = jnp.maximum(running_max, logits.max(axis=1))
     running_sum = (running_sum * jnp.exp(running_max - new_max) +
                    jnp.exp(logits - new_max[:, None]).sum(axis=1))
-    return (new_max, running_sum), None
+    return new_max, running_sum
 
-  # The first tile starts the running max (no -inf sentinel to special-case).
-  first = scale * (rows @ keys[:tile].T)
+  # The first tile starts the running max (no -inf sentinel to special-case);
+  # dynamic slices of the keys, not a sliced copy of them.
+  first = block_logits(0)
   first_max = first.max(axis=1)
   init = (first_max, jnp.exp(first - first_max[:, None]).sum(axis=1))
-  (row_max, row_sum), _ = jax.lax.scan(step, init, _tiles(keys[tile:], tile))
+  row_max, row_sum = jax.lax.fori_loop(1, keys.shape[0] // tile, step, init)
   return row_max + jnp.log(row_sum)
 
 

@@ -207,3 +207,16 @@ def test_compiled_memory_and_communication(name, shape):
       assert not re.search(r"f32\[\d", result_type), line
   if name != "sigmoid_chunked":
     assert "reduce-scatter" in hlo or "all-to-all" in hlo or mesh.size == 1
+
+
+@pytest.mark.parametrize("name", ["softmax", "sigmoid"])
+def test_bench_chunked_float64_references(name):
+  """The 32K step benchmark's chunked NumPy losses equal the dense ones."""
+  from clip_jax import bench  # pylint: disable=g-import-not-at-top
+  a, b = _embeddings(seed=4)
+  if name == "softmax":
+    got = bench.numpy_softmax_loss_chunked(a, b, 10.0, rows=24)
+  else:
+    got = bench.numpy_sigmoid_loss_chunked(a, b, 10.0, -3.0, rows=24)
+  np.testing.assert_allclose(got, REFERENCE[name](a, b, 10.0, -3.0)[0],
+                             rtol=1e-12)
