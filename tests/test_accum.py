@@ -10,6 +10,7 @@ import re
 import jax
 import numpy as np
 import pytest
+from train_testing import random_batch, tiny_config
 
 from clip_jax import config as config_lib
 from clip_jax import losses, optim, train_state
@@ -23,27 +24,9 @@ COLLECTIVE = re.compile(
 
 
 def _config(loss, mesh_shape, rule):
-  config = config_lib.load_config_file("configs/clip.py",
-                                       f"tiny,loss={loss},batch={BATCH}")
-  config.mesh.data, config.mesh.fsdp = mesh_shape
-  config.sharding_rules = [(".*", rule)]
-  config.schedule = "constant"
-  # As in test_train.py: Adam divides by sqrt(v) + eps, and a gradient that
-  # is float noise around 0 (the attention key bias has exactly zero
-  # gradient) becomes a full-size step of random sign with CLIP's eps=1e-6.
-  # With 1e-3 the comparison is about the gradient, not that amplification.
-  config.adam.eps = 1e-3
-  return config
+  return tiny_config(loss, rule, batch=BATCH, mesh_shape=mesh_shape)
 
 
-def _batch(config, seed=0):
-  rng = np.random.default_rng(seed)
-  size, length = config.model.image.image_size, config.model.text.context_length
-  return {
-      "image": rng.normal(size=(BATCH, size, size, 3)).astype(np.float32),
-      "text": rng.integers(3, config.model.text.vocab_size,
-                           size=(BATCH, length)).astype(np.int32),
-  }
 
 
 def _setup(config):
@@ -66,7 +49,7 @@ def _params_after_steps(config, state, shardings, accum_steps,
   state = jax.tree_util.tree_map(lambda x: x.copy(), state)  # It is donated.
   snapshots, history = [], []
   for i in range(3):
-    batch = sharding_lib.host_to_global(_batch(config, seed=i), mesh)
+    batch = sharding_lib.host_to_global(random_batch(config, seed=i), mesh)
     state, metrics = step_fn(state, batch)
     history.append((float(metrics["loss"]), float(metrics["grad_norm"])))
     if i in (0, 2):
@@ -115,7 +98,7 @@ def _grads(config, accum_steps, accum_mode):
   fn = jax.jit(train_state.make_loss_and_grads(
       model, losses.get_loss(config.loss), mesh, shardings["params"],
       accum_steps=accum_steps, accum_mode=accum_mode))
-  batch = sharding_lib.host_to_global(_batch(config), mesh)
+  batch = sharding_lib.host_to_global(random_batch(config), mesh)
   return jax.device_get(fn(state["params"], batch))
 
 
@@ -151,7 +134,7 @@ def test_exact_gradient_is_the_full_batch_one_and_naive_is_not():
   mesh, model, tx, _ = _setup(config)
   params = jax.device_get(train_state.create_state(
       model, tx, config, mesh)[0]["params"])
-  zimg, ztxt, out = train_state.embed(model, params, _batch(config))
+  zimg, ztxt, out = train_state.embed(model, params, random_batch(config))
   rows = np.arange(BATCH).reshape(8, 4)  # [device, row on the device]
   micro = [losses.sigmoid_loss(zimg[rows[:, r]], ztxt[rows[:, r]],
                                out["logit_scale"], out["logit_bias"])

@@ -3,37 +3,13 @@
 import jax
 import numpy as np
 import pytest
+from train_testing import random_batch, tiny_config
 
-from clip_jax import config as config_lib
 from clip_jax import losses, optim, train_state
 from clip_jax import sharding as sharding_lib
 from clip_jax.models import two_towers
 
 STEPS = 4
-
-
-def _config(loss, rule):
-  config = config_lib.load_config_file("configs/clip.py",
-                                       f"tiny,loss={loss},batch=32")
-  config.sharding_rules = [(".*", rule)]
-  config.schedule = "constant"
-  # Adam divides by sqrt(v) + eps: with CLIP's eps=1e-6 a gradient that is
-  # float noise around 0 becomes a full-size step of either sign, so runs
-  # that differ only in summation order drift apart. A larger eps keeps the
-  # comparison about the distributed computation, not that amplification.
-  config.adam.eps = 1e-3
-  return config
-
-
-def _batch(config, seed=0):
-  rng = np.random.default_rng(seed)
-  size, length = config.model.image.image_size, config.model.text.context_length
-  return {
-      "image": rng.normal(size=(config.batch_size, size, size, 3)).astype(
-          np.float32),
-      "text": rng.integers(3, config.model.text.vocab_size,
-                           size=(config.batch_size, length)).astype(np.int32),
-  }
 
 
 def _run(config, devices, mesh_shape):
@@ -48,7 +24,7 @@ def _run(config, devices, mesh_shape):
   step_fn = train_state.make_train_step(
       model, tx, losses.get_loss(config.loss), schedule, mesh, shardings,
       max_log_logit_scale=two_towers.max_log_logit_scale(config.model))
-  batch = sharding_lib.host_to_global(_batch(config), mesh)
+  batch = sharding_lib.host_to_global(random_batch(config), mesh)
   history = []
   for _ in range(STEPS):
     state, metrics = step_fn(state, batch)
@@ -64,11 +40,11 @@ def _run(config, devices, mesh_shape):
 
 @pytest.mark.parametrize("loss", ["softmax", "sigmoid_chunked"])
 def test_multi_device_equals_single_device(loss):
-  reference, ref_params = _run(_config(loss, "replicate"),
+  reference, ref_params = _run(tiny_config(loss, "replicate"),
                                jax.devices()[:1], (1, 1))
   assert reference[-1] < reference[0]  # It learns the fixed batch.
   for mesh_shape, rule in [((8, 1), "replicate"), ((2, 4), "fsdp")]:
-    history, params = _run(_config(loss, rule), jax.devices(), mesh_shape)
+    history, params = _run(tiny_config(loss, rule), jax.devices(), mesh_shape)
     np.testing.assert_allclose(history, reference, rtol=1e-4, atol=1e-5)
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5),
@@ -101,12 +77,12 @@ def _matched_softmax(zimg, ztxt, logit_scale, logit_bias, mesh=None):
 
 @pytest.mark.parametrize("capped", [True, False])
 def test_logit_scale_is_capped(capped):
-  config = _config("softmax", "replicate")
+  config = tiny_config("softmax", "replicate")
   config.model.logit_scale_init = 99.9
   config.lr = 1.0  # Adam's first step moves the log-scale by +-lr = 1.
   cap = np.log(100.0) if capped else None
   step_fn, state, mesh = _step_fn(config, _matched_softmax, cap)
-  batch = sharding_lib.host_to_global(_batch(config), mesh)
+  batch = sharding_lib.host_to_global(random_batch(config), mesh)
   for _ in range(2):
     state, _ = step_fn(state, batch)
   scale = float(np.exp(state["params"]["logit_scale"]))
@@ -122,7 +98,7 @@ def _bits(tree):
 
 
 def test_nonfinite_step_is_skipped_and_counted():
-  config = _config("softmax", "replicate")
+  config = tiny_config("softmax", "replicate")
   config.schedule = "linear"
   # Warmup: the lr differs at every step, so a schedule that counted the
   # skipped steps would give different params after the good ones.
@@ -134,9 +110,9 @@ def test_nonfinite_step_is_skipped_and_counted():
   initial["params"]["logit_scale"] = jax.device_put(
       np.float32(np.log(150.0)), initial["params"]["logit_scale"].sharding)
   host_initial = jax.device_get(initial)
-  good = [sharding_lib.host_to_global(_batch(config, seed=i), mesh)
+  good = [sharding_lib.host_to_global(random_batch(config, seed=i), mesh)
           for i in range(2)]
-  bad = _batch(config)
+  bad = random_batch(config)
   bad["image"][3] = np.nan  # One bad example poisons the whole step.
   bad = sharding_lib.host_to_global(bad, mesh)
 
@@ -175,10 +151,10 @@ def test_nonfinite_loss_with_finite_gradients_is_skipped():
     return (losses.softmax_loss(*args, mesh=mesh)
             + jax.lax.stop_gradient(np.float32(np.inf)))
 
-  config = _config("softmax", "replicate")
+  config = tiny_config("softmax", "replicate")
   step_fn, state, mesh = _step_fn(config, infinite_loss, None)
   before = jax.device_get(state["params"])
   state, metrics = step_fn(
-      state, sharding_lib.host_to_global(_batch(config), mesh))
+      state, sharding_lib.host_to_global(random_batch(config), mesh))
   assert int(metrics["train/nonfinite_steps"]) == 1
   assert _bits(jax.device_get(state["params"])) == _bits(before)
