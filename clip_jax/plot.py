@@ -68,11 +68,14 @@ def series(records, key: str) -> list[tuple[int, float]]:
 
 
 def _shown_by_default(key: str) -> bool:
+  """Training panels, and eval results on a 0-1 scale: not bookkeeping
+  (times, counts) and not ranks, whose scale would flatten the recalls."""
   if not key.startswith("eval/"):
     return any(key == k for k, _ in TRAIN_PANELS)
   parts = key.split("/")
   return (len(parts) >= 3
-          and not any(p in _HIDDEN_EVAL_PARTS for p in parts[2:]))
+          and not any(p in _HIDDEN_EVAL_PARTS or p.startswith("num_")
+                      or p.endswith("_rank") for p in parts[2:]))
 
 
 def panel_of(key: str) -> tuple[str, str]:

@@ -29,7 +29,8 @@ RUN_A = [
 RUN_B = [
     {"step": 5, "loss": 5.0, "lr": 1e-3, "logit_scale": 10.0,
      "logit_bias": -10.0},
-    {"step": 10, "eval/ret/i2t/r@1": 0.2},
+    {"step": 10, "eval/ret/i2t/r@1": 0.2, "eval/ret/i2t/median_rank": 40.0,
+     "eval/ret/num_captions": 5323},
 ]
 
 
