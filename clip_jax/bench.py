@@ -60,7 +60,7 @@ from absl import app, flags, logging
 
 from clip_jax import config as config_lib
 from clip_jax import hlo as hlo_lib
-from clip_jax import losses, optim, train_state
+from clip_jax import losses, numpy_losses, optim, train_state
 from clip_jax import sharding as sharding_lib
 from clip_jax.models import two_towers
 
@@ -228,39 +228,14 @@ def _loss_grad_fn(name: str, mesh):
       argnums=(0, 1, 2, 3)))
 
 
-def numpy_loss_and_grads(name, a, b, scale, bias):
-  """float64 dense value and grads (a, b, scale, bias): the reference."""
-  n = len(a)
-  sim = a @ b.T
-  if name == "softmax":
-    z = scale * sim
-
-    def softmax(x, axis):
-      e = np.exp(x - x.max(axis=axis, keepdims=True))
-      return e / e.sum(axis=axis, keepdims=True)
-
-    def lse(x, axis):
-      m = x.max(axis=axis)
-      return m + np.log(np.exp(x - np.expand_dims(m, axis)).sum(axis=axis))
-
-    value = ((lse(z, 1) + lse(z, 0)).sum() - 2 * np.trace(z)) / (2 * n)
-    eye = np.eye(n)
-    g = (softmax(z, 1) + softmax(z, 0) - 2 * eye) / (2 * n)
-    return value, (scale * g @ b, scale * g.T @ a, (g * sim).sum(), 0.0)
-  z = scale * sim + bias
-  y = 2 * np.eye(n) - 1
-  value = np.logaddexp(0.0, -y * z).sum() / n
-  g = -y * np.exp(-np.logaddexp(0.0, y * z)) / n  # -y sigmoid(-yz) / n.
-  return value, (scale * g @ b, scale * g.T @ a, (g * sim).sum(), g.sum())
-
-
 def dense_agreement(name, mesh, n, d):
   """Max error of value and grads vs float64 NumPy, relative to magnitude."""
   a, b = _unit_pairs(n, d, 1, sharding_lib.batch_sharding(mesh))
   value, grads = _loss_grad_fn(name, mesh)(a, b, jnp.float32(_SCALE),
                                            jnp.float32(_BIAS))
   a64, b64 = (np.asarray(x, np.float64) for x in (a, b))
-  ref_value, ref_grads = numpy_loss_and_grads(name, a64, b64, _SCALE, _BIAS)
+  ref_value, ref_grads = numpy_losses.loss_and_grads(name, a64, b64, _SCALE,
+                                                     _BIAS)
   errors = {"value": abs(float(value) - ref_value) / abs(ref_value)}
   for what, got, want in zip(("zimg", "ztxt", "scale", "bias"), grads,
                              ref_grads):
@@ -374,37 +349,6 @@ def main_loss():
   return all_passed
 
 
-def numpy_softmax_loss_chunked(a, b, scale, rows=1024):
-  """CLIP's loss in float64, [rows, N] logits at a time (fits at N = 32K)."""
-  n = len(a)
-  row_lse = np.empty(n)
-  col_max, col_sum = np.full(n, -np.inf), np.zeros(n)
-  diag = scale * np.einsum("ij,ij->i", a, b)
-  for start in range(0, n, rows):
-    z = scale * (a[start:start + rows] @ b.T)
-    m = z.max(axis=1, keepdims=True)
-    row_lse[start:start + rows] = (m + np.log(np.exp(z - m).sum(
-        axis=1, keepdims=True)))[:, 0]
-    new_max = np.maximum(col_max, z.max(axis=0))
-    col_sum = col_sum * np.exp(col_max - new_max) + np.exp(
-        z - new_max).sum(axis=0)
-    col_max = new_max
-  col_lse = col_max + np.log(col_sum)
-  return ((row_lse - diag).sum() + (col_lse - diag).sum()) / (2 * n)
-
-
-def numpy_sigmoid_loss_chunked(a, b, scale, bias, rows=1024):
-  """SigLIP's loss in float64 (sum over pairs / N), [rows, N] at a time."""
-  n, total = len(a), 0.0
-  for start in range(0, n, rows):
-    z = scale * (a[start:start + rows] @ b.T) + bias
-    labels = -np.ones_like(z)
-    idx = np.arange(min(rows, n - start))
-    labels[idx, start + idx] = 1.0
-    total += np.logaddexp(0.0, -labels * z).sum()
-  return total / n
-
-
 def _rss_gib():
   import resource  # pylint: disable=g-import-not-at-top
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -459,9 +403,9 @@ def main_step32k():
     else:
       first_loss = float(metrics["loss"])
   if config.loss == "softmax":
-    reference = numpy_softmax_loss_chunked(a, b, scale)
+    reference = numpy_losses.softmax_loss_chunked(a, b, scale)
   else:
-    reference = numpy_sigmoid_loss_chunked(a, b, scale,
+    reference = numpy_losses.sigmoid_loss_chunked(a, b, scale,
                                            float(out["logit_bias"]))
   error = abs(first_loss - reference) / abs(reference)
   result = {

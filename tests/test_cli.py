@@ -44,7 +44,8 @@ def _one_error_line(rc, stdout, stderr):
     (["--config", "configs/clip.py:tinyy", "--workdir", "W"],
      ["Unknown config argument 'tinyy'", "Valid arguments"]),
     (TINY + ["--workdir", "W", "--config.loss=sigmod"],
-     ["Unknown loss 'sigmod'", "sigmoid, sigmoid_chunked, softmax"]),
+     ["config.loss='sigmod'", "['sigmoid', 'sigmoid_chunked', 'softmax']",
+      "Did you mean 'sigmoid'?"]),
     (TINY + ["--workdir", "W", "--config.lr=abc"], ["--config.lr=abc"]),
     (TINY + ["--workdirr", "W"], ["'workdirr'", "workdir"]),
     (TINY, ["--config and --workdir are required"]),
@@ -76,7 +77,7 @@ def test_verbose_shows_the_traceback(tmp_path, how):
                        str(tmp_path / "w"), "--config.loss=sigmod", *how,
                        env=env)
   assert rc != 0
-  assert "Traceback" in stderr and "Unknown loss 'sigmod'" in stderr
+  assert "Traceback" in stderr and "config.loss='sigmod'" in stderr
 
 
 def test_errors_raised_inside_libraries_are_not_user_errors():

@@ -268,8 +268,7 @@ def _run(config, tok, batch_size):
     total = iterator.num_skipped
   ids, skipped = [], []
   for b in batches:
-    grey = (b["image"] * np.asarray(transforms.CLIP_STD) +
-            np.asarray(transforms.CLIP_MEAN)) * 255
+    grey = b["image"].astype(np.float64)  # uint8 pixels (uint8_images).
     # Solid grey images (JPEG / CMYK: within a few levels).
     assert (np.ptp(grey, axis=(1, 2, 3)) < 12).all()
     ids += [int(round(v / GREY_STEP)) - 1 for v in grey.mean((1, 2, 3))]

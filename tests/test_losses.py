@@ -212,11 +212,11 @@ def test_compiled_memory_and_communication(name, shape):
 @pytest.mark.parametrize("name", ["softmax", "sigmoid"])
 def test_bench_chunked_float64_references(name):
   """The 32K step benchmark's chunked NumPy losses equal the dense ones."""
-  from clip_jax import bench  # pylint: disable=g-import-not-at-top
+  from clip_jax import numpy_losses  # pylint: disable=g-import-not-at-top
   a, b = _embeddings(seed=4)
   if name == "softmax":
-    got = bench.numpy_softmax_loss_chunked(a, b, 10.0, rows=24)
+    got = numpy_losses.softmax_loss_chunked(a, b, 10.0, rows=24)
   else:
-    got = bench.numpy_sigmoid_loss_chunked(a, b, 10.0, -3.0, rows=24)
+    got = numpy_losses.sigmoid_loss_chunked(a, b, 10.0, -3.0, rows=24)
   np.testing.assert_allclose(got, REFERENCE[name](a, b, 10.0, -3.0)[0],
                              rtol=1e-12)
