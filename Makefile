@@ -6,7 +6,7 @@ NOTO_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 # 8 fake CPU devices, so multi-device code runs everywhere.
 FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: help install test demo bench bench-loss bench-32k bench-data data lint tensorboard clean
+.PHONY: help install test demo bench bench-loss bench-32k bench-memory bench-data data lint tensorboard clean
 
 help:  ## List the targets
 	@echo "make TARGET, each usable on a fresh clone (installs what it needs):"
@@ -51,6 +51,12 @@ bench-32k: install  ## Training steps at a 32K batch on 8 fake devices
 	@# accum_steps 4) on 8 fake devices, loss checked against float64.
 	$(PY) -m clip_jax.bench step32k --devices 8 --accum_steps 4 \
 	  --out runs/bench_step32k.json
+
+bench-memory: install  ## Memory levers (FSDP, remat, bf16, scan, accum) -> runs/bench_memory.json
+	@# Per-device compiled memory and ms/step of the demo model's train step
+	@# on 8 fake devices, one lever at a time from a baseline, then combined.
+	$(PY) -m clip_jax.bench memory --devices 8 --repeats 5 \
+	  --out runs/bench_memory.json
 
 data: install  ## Prepare the built-in emoji dataset
 	$(PY) -m clip_jax.data.sources prepare-emoji

@@ -6,6 +6,8 @@
   python -m clip_jax.bench step32k --devices 8 [--accum_steps 4] \
       [--global_batch 32768] [--config configs/clip.py:tiny] \
       [--timed_steps 2]
+  python -m clip_jax.bench memory --devices 8 [--config configs/demo.py] \
+      [--variants baseline,remat_full,...] [--repeats 5] [--out ...]
 
 `step` (the default):
   train_step   examples/s the jitted train step consumes on a fixed batch
@@ -42,6 +44,18 @@ accumulation: seconds per step (median of --timed_steps after the first),
 peak RSS, per-device memory from the compiled analysis, and the first
 step's loss against a float64 NumPy dense loss (chunked) on the same
 embeddings (PASS within 1e-4 relative).
+
+`memory`: the memory levers, one at a time from a baseline (the config as
+given: replicated params, mesh (devices, 1)), then a few combinations
+(MEMORY_VARIANTS): FSDP params and optimiser state (mesh (1, d) and
+(2, d/2), rule ('.*', 'fsdp')), model.remat_policy full / dots_saveable /
+dots_with_no_batch_dims_saveable, bfloat16 compute, model.scan, and
+accum_steps 2 / 4. Per variant, per device, from the compiled step's
+memory analysis (exact compile-time figures): temp, argument, output and
+aliased (donated) bytes, and peak = argument + temp + output - alias; and
+milliseconds per step (median of --repeats steps after a warm-up one), and
+the warm-up step's loss (equal across the variants that do not change the
+math: a lever that changed the loss would be a bug).
 """
 
 from __future__ import annotations
@@ -76,11 +90,22 @@ _EMBED_DIM = flags.DEFINE_integer("embed_dim", 512, "loss: embedding width D.")
 _DEVICES = flags.DEFINE_integer(
     "devices", None, "Fake CPU devices (set before JAX starts its backend); "
     "default: whatever XLA_FLAGS gives.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "loss: timed calls per loss.")
+_REPEATS = flags.DEFINE_integer(
+    "repeats", 3, "loss: timed calls per loss; memory: timed steps per "
+    "variant.")
 _CHECK_BATCH = flags.DEFINE_integer(
     "check_batch", 2048, "loss: batch of the float64 dense agreement check.")
 _LOSSES = flags.DEFINE_list("losses", None, "loss: names (default: all).")
 _ACCUM = flags.DEFINE_integer("accum_steps", 4, "step32k: micro-batches.")
+_VARIANTS = flags.DEFINE_list(
+    "variants", None, "memory: MEMORY_VARIANTS names (default: all).")
+_CPU_SCHEDULER = flags.DEFINE_enum(
+    "cpu_scheduler", "memory", ["memory", "default"],
+    "memory: compile with XLA:CPU's memory-optimised scheduler, which "
+    "schedules remat's recomputation late as TPU/GPU schedulers do; "
+    "default: XLA:CPU's default (concurrency-optimised) scheduler, which "
+    "hoists unscanned recomputation into the forward pass, so remat saves "
+    "no memory there.")
 _TIMED_STEPS = flags.DEFINE_integer(
     "timed_steps", 2, "step32k: timed steps after the first (compiling) one.")
 _SCALE, _BIAS = 10.0, -10.0  # SigLIP's initial logit scale and bias.
@@ -109,7 +134,8 @@ def _make_step(config):
   state, shardings = train_state.create_state(model, tx, config, mesh)
   step = train_state.make_train_step(
       model, tx, losses.get_loss(config.loss), schedule, mesh, shardings,
-      max_log_logit_scale=two_towers.max_log_logit_scale(config.model))
+      max_log_logit_scale=two_towers.max_log_logit_scale(config.model),
+      accum_steps=config.accum_steps, accum_mode=config.accum_mode)
   return step, state, mesh
 
 
@@ -430,8 +456,152 @@ def main_step32k():
   _write_json(result, _OUT.value or "runs/bench_step32k.json")
   return result["passed"]
 
+_FSDP_RULES = ((".*", "fsdp"),)
 
-COMMANDS = {"step": main_step, "loss": main_loss, "step32k": main_step32k}
+
+def memory_variants(devices: int) -> dict[str, dict]:
+  """{name: config overrides (dotted key -> value)}, baseline first.
+
+  One lever at a time from the baseline, then combinations. FSDP meshes
+  depend on the device count: (1, d) and (2, d / 2).
+  """
+  fsdp_all = {"mesh.data": 1, "mesh.fsdp": devices,
+              "sharding_rules": _FSDP_RULES}
+  variants = {
+      "baseline": {},
+      f"fsdp_1x{devices}": fsdp_all,
+      f"fsdp_2x{devices // 2}": {"mesh.data": 2, "mesh.fsdp": devices // 2,
+                                 "sharding_rules": _FSDP_RULES},
+      "remat_full": {"model.remat_policy": "full"},
+      "remat_dots": {"model.remat_policy": "dots_saveable"},
+      "remat_dots_no_batch": {
+          "model.remat_policy": "dots_with_no_batch_dims_saveable"},
+      "bfloat16": {"model.dtype": "bfloat16"},
+      "scan": {"model.scan": True},
+      "accum_2": {"accum_steps": 2},
+      "accum_4": {"accum_steps": 4},
+      "scan+remat_full": {"model.scan": True, "model.remat_policy": "full"},
+      "remat_full+accum_4": {"model.remat_policy": "full", "accum_steps": 4},
+      f"fsdp_1x{devices}+remat_full+bf16+accum_4": {
+          **fsdp_all, "model.remat_policy": "full",
+          "model.dtype": "bfloat16", "accum_steps": 4},
+  }
+  if devices < 4 or devices % 2:  # No (2, d/2) FSDP mesh to speak of.
+    del variants[f"fsdp_2x{devices // 2}"]
+  return variants
+
+
+def with_overrides(config, overrides: dict):
+  """A copy of config with each dotted key set to its value."""
+  config = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def _random_batch(config, mesh, seed=0):
+  """A global batch of the config's shapes: uint8 pixels (as training ships
+  them, normalised in the step) and random tokens."""
+  rng = np.random.default_rng(seed)
+  n, size = config.batch_size, config.model.image.image_size
+  length = config.model.text.context_length
+  return sharding_lib.host_to_global({
+      "image": rng.integers(0, 256, (n, size, size, 3)).astype(np.uint8),
+      "text": rng.integers(3, config.model.text.vocab_size,
+                           (n, length)).astype(np.int32)}, mesh)
+
+
+# XLA:CPU's memory-minimising scheduler (a DebugOptions field, per compile).
+CPU_MEMORY_SCHEDULER = {
+    "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def bench_memory(config, repeats: int, compiler_options=None) -> dict:
+  """Per-device compiled memory and ms/step of one config's train step."""
+  config_lib.validate(config, device_count=jax.device_count())
+  step, state, mesh = _make_step(config)
+  batch = _random_batch(config, mesh)
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile(
+      compiler_options=compiler_options or {})
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  state, metrics = compiled(state, batch)  # Warm-up.
+  loss = float(jax.device_get(metrics["loss"]))
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    seconds.append(time.perf_counter() - start)
+  figures = {
+      "temp_bytes": int(memory.temp_size_in_bytes),
+      "argument_bytes": int(memory.argument_size_in_bytes),
+      "output_bytes": int(memory.output_size_in_bytes),
+      "alias_bytes": int(memory.alias_size_in_bytes),
+  }
+  # Donated state: its outputs reuse the argument buffers (alias).
+  figures["peak_bytes"] = (figures["argument_bytes"] + figures["temp_bytes"] +
+                           figures["output_bytes"] - figures["alias_bytes"])
+  return {**figures, "mesh": dict(mesh.shape), "compile_seconds": compile_s,
+          "ms_per_step_median": 1e3 * statistics.median(seconds),
+          "ms_per_step": [1e3 * s for s in seconds], "first_loss": loss}
+
+
+def main_memory():
+  """The memory levers of bench_memory, as a table and JSON."""
+  path, _, arg = _CONFIG.value.partition(":")
+  base = config_lib.load_config_file(path, arg or None)
+  base.mesh.data, base.mesh.fsdp = -1, 1
+  devices = jax.device_count()
+  variants = memory_variants(devices)
+  names = _VARIANTS.value or list(variants)
+  unknown = sorted(set(names) - set(variants))
+  if unknown:
+    raise app.UsageError(f"--variants {unknown} unknown; expected names "
+                         f"from {', '.join(variants)}.")
+  if names[0] != "baseline":
+    names = ["baseline"] + [n for n in names if n != "baseline"]
+  scheduler = _CPU_SCHEDULER.value
+  options = (CPU_MEMORY_SCHEDULER if scheduler == "memory" and
+             jax.default_backend() == "cpu" else {})
+  print(f"memory levers: {_CONFIG.value}, batch {base.batch_size} over "
+        f"{devices} devices, per device; ms/step median of "
+        f"{_REPEATS.value} steps after a warm-up; XLA:CPU scheduler "
+        f"{scheduler}")
+  print(f"{'variant':<36}{'mesh':>6}{'temp':>8}{'args':>8}{'out':>8}"
+        f"{'alias':>8}{'peak':>8}{'x base':>8}{'ms/step':>9}{'x base':>8}"
+        f"{'loss':>10}")
+  rows = {}
+  for name in names:
+    row = bench_memory(with_overrides(base, variants[name]), _REPEATS.value,
+                       options)
+    row["overrides"] = {k: list(v) if isinstance(v, tuple) else v
+                        for k, v in variants[name].items()}
+    rows[name] = row
+    ref = rows["baseline"]
+    mesh = f"{row['mesh']['data']}x{row['mesh']['fsdp']}"
+    print(f"{name:<36}{mesh:>6}" + "".join(
+        f"{row[k] / 2**20:8.1f}" for k in ("temp_bytes", "argument_bytes",
+                                           "output_bytes", "alias_bytes",
+                                           "peak_bytes")) +
+          f"{row['peak_bytes'] / ref['peak_bytes']:8.2f}"
+          f"{row['ms_per_step_median']:9.1f}"
+          f"{row['ms_per_step_median'] / ref['ms_per_step_median']:8.2f}"
+          f"{row['first_loss']:10.5f}", flush=True)
+  print("(MiB per device; peak = args + temp + out - alias)")
+  _write_json({"config": _CONFIG.value, "devices": devices,
+               "batch_size": base.batch_size, "repeats": _REPEATS.value,
+               "cpu_scheduler": scheduler, "compiler_options": options,
+               "variants": rows}, _OUT.value or "runs/bench_memory.json")
+
+
+COMMANDS = {"step": main_step, "loss": main_loss, "step32k": main_step32k,
+            "memory": main_memory}
 
 
 def main(argv):

@@ -90,3 +90,59 @@ def test_remat_policy_config():
   model.remat, model.remat_policy = False, "dots"
   with pytest.raises(ValueError, match="remat_policy='dots' is not one of"):
     two_towers.build_model(model)
+
+
+# XLA:CPU's memory-minimising scheduler, chosen per compile. Its default
+# (concurrency-optimised) scheduler drops remat's optimisation barriers and
+# hoists every unscanned block's recomputation into the forward pass, so
+# unscanned remat saves nothing there (TPU/GPU schedulers keep it late).
+MEMORY_SCHEDULER = {
+    "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def _grad_temp_bytes(policy, scan, compiler_options):
+  """Temp bytes of the compiled towers' gradient, where activations
+  dominate: 4 blocks of width 96, 17 image tokens, 64 examples."""
+  config = _model_config(policy, scan)
+  config.model.image.variant = config.model.text.variant = "tiny"
+  config.model.image.depth = config.model.text.depth = 4
+  model = two_towers.build_model(config.model)
+  params = train_state.param_shapes(model, config)
+  size = config.model.image.image_size
+  images = jax.ShapeDtypeStruct((64, size, size, 3), jnp.float32)
+  tokens = jax.ShapeDtypeStruct((64, config.model.text.context_length),
+                                jnp.int32)
+
+  def value(params, images, tokens):
+    zimg, ztxt, _ = model.apply({"params": params}, images, tokens)
+    return jnp.sum(zimg * ztxt)
+
+  compiled = jax.jit(jax.grad(value)).lower(params, images, tokens).compile(
+      compiler_options=compiler_options)
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_remat_lowers_compiled_temp_memory():
+  """Remat must shrink what the compiled program keeps, not only the jaxpr.
+
+  Without remat a block keeps ~8 [L, width] + 2 [L, mlp] + heads [L, L]
+  values per example for its backward; 'full' keeps only its input
+  [L, width], so (4 blocks) well under 0.6 of the no-remat temp bytes
+  (0.49 measured); 'dots_saveable' keeps the matmul outputs, between the
+  two (0.71). Unscanned blocks, memory-minimising scheduler (see above).
+  """
+  temps = {p: _grad_temp_bytes(p, False, MEMORY_SCHEDULER)
+           for p in ("none", "full", "dots_saveable")}
+  assert temps["full"] < 0.6 * temps["none"], temps
+  assert temps["full"] < temps["dots_saveable"] < 0.9 * temps["none"], temps
+
+
+def test_scanned_remat_saves_memory_with_default_cpu_scheduler():
+  """Under scan the loop orders the recomputation, so in the towers'
+  gradient remat shrinks memory even with XLA:CPU's default scheduler.
+
+  (Not so in the whole 8-device train step: there the default scheduler
+  defeats scanned remat too, 51.4 MiB with or without; `bench memory
+  --cpu_scheduler default` shows it.)"""
+  none, full = (_grad_temp_bytes(p, True, {}) for p in ("none", "full"))
+  assert full < 0.5 * none, (none, full)  # 0.24 measured.

@@ -160,9 +160,10 @@ def test_state_bytes_and_gradient_collectives(mesh, rule):
 def test_activation_bytes_per_example():
   """The slope of temp memory in the batch size vs the formula (no remat).
 
-  The remat formula is not checked: on XLA:CPU model.remat=True compiles
-  to the same per-example memory (807 vs 815 KB here), so CPU cannot
-  measure it.
+  The remat formula is not checked: with XLA:CPU's default scheduler
+  unscanned remat compiles to the same per-example memory (807 vs 815 KB
+  here; the scheduler hoists the recomputation into the forward pass).
+  tests/test_remat.py checks remat with the memory-optimised scheduler.
 
   Two batch sizes cancel what does not grow with the batch (gradients,
   optimiser temporaries). The formula counts each saved tensor once; XLA
