@@ -389,17 +389,9 @@ def main_step32k():
   # The tiny recipe shrinks the batch; --global_batch sets it back.
   config.batch_size = _GLOBAL_BATCH.value
   config.mesh.data, config.mesh.fsdp = jax.device_count(), 1
-  accum = _ACCUM.value
-  mesh = sharding_lib.make_mesh(config.mesh)
-  model = two_towers.build_model(config.model)
-  tx, schedule = optim.make_optimizer(
-      config, train_state.param_shapes(model, config), total_steps=10**6,
-      warmup_steps=0)
-  state, shardings = train_state.create_state(model, tx, config, mesh)
-  step = train_state.make_train_step(
-      model, tx, losses.get_loss(config.loss), schedule, mesh, shardings,
-      max_log_logit_scale=two_towers.max_log_logit_scale(config.model),
-      accum_steps=accum)
+  accum = config.accum_steps = _ACCUM.value
+  step, state, mesh = _make_step(config)
+  model = two_towers.build_run_model(config)  # For the reference below.
   rng = np.random.default_rng(0)
   n, size = config.batch_size, config.model.image.image_size
   length = config.model.text.context_length
@@ -432,7 +424,7 @@ def main_step32k():
     reference = numpy_losses.softmax_loss_chunked(a, b, scale)
   else:
     reference = numpy_losses.sigmoid_loss_chunked(a, b, scale,
-                                           float(out["logit_bias"]))
+                                                  float(out["logit_bias"]))
   error = abs(first_loss - reference) / abs(reference)
   result = {
       "global_batch": n, "image_size": size, "loss_name": config.loss,
