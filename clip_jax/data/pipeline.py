@@ -553,6 +553,12 @@ class DataIterator:
       self._thread = self._queue = self._stop = None
     if self._stream is not None and hasattr(self._stream, "close"):
       self._stream.close()
+      # grain's close shuts its read-thread pool down without waiting
+      # (shutdown(wait=False)): join it, so no grain thread is still running
+      # when the caller (or the interpreter) goes on. Idempotent.
+      executor = getattr(self._stream, "_executor", None)
+      if executor is not None:
+        executor.shutdown(wait=True)
     self._stream = self._rows = None
     self._counters = copy.deepcopy(self._delivered)
 
