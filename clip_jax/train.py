@@ -204,13 +204,20 @@ def train(config, workdir: str, *, data=None,
   is_main = jax.process_index() == 0
   # Fails here, before any training, if the workdir cannot be written.
   checkpoint_lib.probe_writable(workdir)
-  ckpt = checkpoint_lib.Checkpointer(
-      workdir, every_steps=config.checkpoint_every_steps,
-      keep=config.keep_checkpoints)
-  data_iter = None
+  # The data first: a bad tokenizer or source fails before orbax starts
+  # threads (whose shutdown could print beside the one-line error).
+  data_iter, dataset_size = (data if data is not None else
+                             make_train_data(config))
   try:
-    data_iter, dataset_size = (data if data is not None else
-                               make_train_data(config))
+    ckpt = checkpoint_lib.Checkpointer(
+        workdir, every_steps=config.checkpoint_every_steps,
+        keep=config.keep_checkpoints)
+  except BaseException:
+    close = getattr(data_iter, "close", None)
+    if close is not None:
+      close()
+    raise
+  try:
     result = _train(config, workdir, ckpt, data_iter, dataset_size,
                     is_main=is_main, allow_config_change=allow_config_change,
                     resume_command=resume_command)

@@ -174,6 +174,8 @@ def test_full_disk_at_the_first_save_stops_naming_the_path(tmp_path):
       text=True, timeout=600)
   output = proc.stdout
   assert proc.returncode == 1, output[-3000:]
-  assert (f"CheckpointError: Writing a checkpoint to {workdir}/checkpoints "
-          "failed") in output, output[-3000:]
+  # The message, not its "CheckpointError: " prefix: orbax's threads may
+  # print between the two on the shared stream.
+  assert (f"Writing a checkpoint to {workdir}/checkpoints failed"
+          in output), output[-3000:]
   assert "[step 6/" not in output  # Stopped at the next save, step 4.
