@@ -300,6 +300,7 @@ def _registered_names():
   from clip_jax.data import sources, tokenizer  # pylint: disable=g-import-not-at-top
   from clip_jax.models import common, text, vit  # pylint: disable=g-import-not-at-top
   return (("loss", losses.LOSSES), ("schedule", optim.SCHEDULES),
+          ("wd_convention", optim.WD_CONVENTIONS),
           ("model.dtype", common.DTYPES),
           ("model.activation", common.ACTIVATIONS),
           ("model.image.variant", vit.VARIANTS),
@@ -614,6 +615,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Optimiser: see clip_jax/optim.py for each key.
   c.lr = 5e-4
   c.wd = 0.2
+  c.wd_convention = "coupled"   # 'coupled' (x lr, PyTorch) | 'decoupled'.
   c.wd_exclude = config_dict.placeholder(str)
   c.adam = ml_collections.ConfigDict(dict(b1=0.9, b2=0.98, eps=1e-6))
   c.grad_clip_norm = config_dict.placeholder(float)

@@ -2,7 +2,12 @@
 
 Config keys (top level of the experiment config):
   lr:             peak learning rate.
-  wd:             decoupled weight decay (AdamW's, multiplied by the lr).
+  wd:             decoupled weight decay; how much per step depends on
+                  wd_convention.
+  wd_convention:  'coupled' (PyTorch / optax AdamW, CLIP): each step decays
+                  by wd x lr(t). 'decoupled' (big_vision, SigLIP): each step
+                  decays by wd x lr(t) / lr, i.e. wd at the schedule's peak,
+                  not multiplied by the base lr.
   wd_exclude:     regex; parameters whose '/'-joined path matches it get no
                   decay. Parameters with fewer than 2 dims (biases, norm
                   scales, logit scale/bias) never decay.
@@ -30,6 +35,7 @@ import numpy as np
 import optax
 
 SCHEDULES = ("cosine", "linear", "constant")
+WD_CONVENTIONS = ("coupled", "decoupled")
 # apply_if_finite's counter saturates at the int32 maximum, never above it.
 NEVER_GIVE_UP = int(np.iinfo(np.int32).max)
 
@@ -80,6 +86,26 @@ def make_schedule(config, *, total_steps: int, warmup_steps: int):
   return optax.join_schedules([warmup, after], [warmup_steps])
 
 
+def weight_decay_per_lr(config) -> float:
+  """The factor optax.adamw multiplies by lr(t) to decay weights by.
+
+  'coupled': wd itself (decay wd x lr(t) per step). 'decoupled': wd / lr,
+  so that the decay is wd x lr(t) / lr (wd at the peak of the schedule).
+  """
+  convention = config.get("wd_convention", "coupled")
+  if convention not in WD_CONVENTIONS:
+    raise ValueError(
+        f"config.wd_convention={convention!r} is not one of "
+        f"{WD_CONVENTIONS}.")
+  if convention == "coupled" or not config.wd:
+    return config.wd
+  if config.lr <= 0:
+    raise ValueError(
+        f"config.wd_convention='decoupled' divides wd by config.lr, which is "
+        f"{config.lr}; set a positive lr or use wd_convention='coupled'.")
+  return config.wd / config.lr
+
+
 def make_optimizer(config, params, *, total_steps: int, warmup_steps: int):
   """Returns (optax transformation, lr schedule)."""
   schedule = make_schedule(config, total_steps=total_steps,
@@ -89,5 +115,6 @@ def make_optimizer(config, params, *, total_steps: int, warmup_steps: int):
     chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
   chain.append(optax.adamw(
       schedule, b1=config.adam.b1, b2=config.adam.b2, eps=config.adam.eps,
-      weight_decay=config.wd, mask=decay_mask(params, config.wd_exclude)))
+      weight_decay=weight_decay_per_lr(config),
+      mask=decay_mask(params, config.wd_exclude)))
   return optax.apply_if_finite(optax.chain(*chain), NEVER_GIVE_UP), schedule

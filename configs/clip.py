@@ -10,9 +10,30 @@ Arguments (after the colon, comma-separated):
   batch   global batch size (default 32768, the paper's).
   tiny    CPU-sized towers, 32 px synthetic data, a few steps (for smoke
           tests and development).
-The paper recipe: AdamW lr 5e-4, b2 0.98, eps 1e-6, wd 0.2, 2,000 warmup
-steps, cosine decay, 32 epochs of 400M pairs, temperature init 0.07 and
-logit scale capped at 100. Point config.data at your image-text data.
+Point config.data at your image-text data.
+
+The recipe, value by value, with where it comes from (Radford et al. 2021,
+arXiv 2103.00020, Appendix F; table numbers of that version):
+  batch 32,768; 32 epochs of 400M pairs; 2,000 warmup iterations; weight
+      decay 0.2; max temperature (logit scale cap) 100; vocabulary 49,408:
+      Table 19 (common hyperparameters).
+  Adam b1 0.9, b2 0.98, eps 1e-6 (the ViT values; ResNets used b2 0.999,
+      eps 1e-8): Table 19.
+  Weight decay convention: PyTorch AdamW (decoupled from the gradient but
+      multiplied by the lr: w -= lr(t) * wd * w per step), config
+      wd_convention='coupled'; tests/test_recipes.py pins it.
+  lr 5e-4 (B/32, B/16), 4e-4 (L/14); embed dim 512 (768 for L/14); text
+      tower 12 layers x 512 wide x 8 heads (768 x 12 for L/14): Table 21.
+  Cosine schedule to 0 after the warmup: Section 2.5.
+  Temperature init 0.07 (logit scale 1/0.07), learnable, clipped so the
+      logits are scaled by at most 100: Section 2.5.
+  Image pooling: the class token (ViT, Section 2.4); text: the activation
+      at the [EOS] token of the last layer, causal (masked) self-attention:
+      Section 2.4. Context 77 = the paper's 76 + [SOS].
+  Activation quick_gelu (x * sigmoid(1.702 x)): not in the paper; OpenAI's
+      released code (model.py QuickGELU).
+With loss=sigmoid the SigLIP scale/bias init is used (see configs/siglip.py
+for the rest of that recipe).
 """
 
 import ml_collections
@@ -20,6 +41,7 @@ import ml_collections
 from clip_jax import config as config_lib
 
 TEXT_FOR_IMAGE = {"L/14": "large"}  # CLIP's L/14 has a 768-wide text tower.
+PEAK_LR = {"L/14": 4e-4}  # Table 21; B/32 and B/16: 5e-4.
 
 
 def get_config(arg=None):
@@ -30,8 +52,9 @@ def get_config(arg=None):
   c.batch_size = arg.batch
   c.total_examples = 32 * 400_000_000
   c.warmup_steps = 2000
-  c.lr = 5e-4
+  c.lr = PEAK_LR.get(arg.model, 5e-4)
   c.wd = 0.2
+  c.wd_convention = "coupled"  # PyTorch AdamW: decay wd * lr(t) per step.
   c.adam.b2 = 0.98
   c.adam.eps = 1e-6
 

@@ -1,0 +1,122 @@
+"""The paper recipes decay weights as their papers do, per optimiser step.
+
+Reference: the papers' update rules written in NumPy. With a zero gradient
+Adam's step is exactly 0 (m = v = 0), so one update multiplies a decayed
+weight by (1 - per-step decay):
+  CLIP (PyTorch AdamW): w <- w (1 - lr(t) wd), wd = 0.2, lr(peak) = 5e-4.
+  SigLIP (big_vision):  w <- w (1 - wd lr(t) / lr), wd = 1e-4: 1e-4 per
+                        step at the peak, whatever the base lr.
+"""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from clip_jax import config as config_lib
+from clip_jax import optim
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+WARMUP, TOTAL = 4, 20
+
+
+def recipe(name, arg=None):
+  return config_lib.load_config_file(os.path.join(CONFIGS, name), arg)
+
+
+def numpy_schedule(lr, step):
+  """Linear warmup over WARMUP steps then cosine to 0 at TOTAL."""
+  if step < WARMUP:
+    return lr * step / WARMUP
+  return lr * 0.5 * (1 + np.cos(np.pi * (step - WARMUP) / (TOTAL - WARMUP)))
+
+
+def decay_factors(config, steps):
+  """w_{t+1} / w_t of a decayed kernel under a zero gradient, t < steps."""
+  params = {"kernel": jnp.full((3, 3), 2.0, jnp.float32)}
+  zero = {"kernel": jnp.zeros((3, 3), jnp.float32)}
+  config.grad_clip_norm = None  # A zero gradient has no norm to clip.
+  tx, _ = optim.make_optimizer(config, params, total_steps=TOTAL,
+                               warmup_steps=WARMUP)
+  state, factors = tx.init(params), []
+  for _ in range(steps):
+    updates, state = tx.update(zero, state, params)
+    new = optax.apply_updates(params, updates)
+    factors.append(float(new["kernel"][0, 0] / params["kernel"][0, 0]))
+    params = new
+  return np.array(factors)
+
+
+@pytest.mark.parametrize("arg,peak_lr", [(None, 5e-4), ("model=L/14", 4e-4)])
+def test_clip_decays_like_pytorch_adamw(arg, peak_lr):
+  c = recipe("clip.py", arg)
+  assert (c.wd, c.lr, c.wd_convention) == (0.2, peak_lr, "coupled")
+  want = [1 - 0.2 * numpy_schedule(peak_lr, t) for t in range(TOTAL)]
+  np.testing.assert_allclose(decay_factors(c, TOTAL), want, rtol=0,
+                             atol=1e-7)
+  # At the peak: 0.2 x 5e-4 = 1e-4 per step (B/32).
+  assert abs(1 - decay_factors(c, WARMUP + 1)[WARMUP]
+             - 0.2 * peak_lr) < 1e-7
+
+
+def test_siglip_decays_1e4_per_step_at_peak():
+  c = recipe("siglip.py")
+  assert (c.wd, c.lr, c.wd_convention) == (1e-4, 1e-3, "decoupled")
+  want = [1 - 1e-4 * numpy_schedule(1e-3, t) / 1e-3 for t in range(TOTAL)]
+  factors = decay_factors(c, TOTAL)
+  np.testing.assert_allclose(factors, want, rtol=0, atol=1e-7)
+  assert abs(1 - factors[WARMUP] - 1e-4) < 1e-7  # Not 1e-7 (wd x lr).
+
+
+def test_decoupled_decay_does_not_depend_on_the_base_lr():
+  """big_vision's convention: the same decay for lr 1e-3 and 1e-2."""
+  factors = []
+  for lr in (1e-3, 1e-2):
+    c = recipe("siglip.py", "tiny")
+    c.lr = lr
+    factors.append(decay_factors(c, WARMUP + 1)[WARMUP])
+  np.testing.assert_allclose(factors, [1 - 1e-4] * 2, rtol=0, atol=1e-7)
+
+
+def test_default_convention_is_coupled():
+  """The default keeps the old behaviour (configs/demo.py unchanged)."""
+  assert config_lib.base_config().wd_convention == "coupled"
+  assert recipe("demo.py").wd_convention == "coupled"
+
+
+def test_unknown_convention_is_named():
+  c = recipe("clip.py", "tiny")
+  c.wd_convention = "l2"
+  with pytest.raises(ValueError, match="wd_convention='l2'.*coupled"):
+    config_lib.validate(c, device_count=8)
+
+
+@pytest.mark.parametrize("name,values", [
+    ("clip.py", dict(b1=0.9, b2=0.98, eps=1e-6, warmup_steps=2000,
+                     batch_size=32768, schedule="cosine", min_lr_ratio=0.0,
+                     logit_scale_init=1 / 0.07, logit_scale_max=100.0,
+                     logit_bias_init=None, image_pool="cls",
+                     text_pool="eos", causal=True,
+                     activation="quick_gelu", vocab_size=49408)),
+    ("siglip.py", dict(b1=0.9, b2=0.95, eps=1e-6, warmup_steps=5000,
+                       batch_size=32768, schedule="cosine",
+                       min_lr_ratio=0.0, logit_scale_init=10.0,
+                       logit_scale_max=None, logit_bias_init=-10.0,
+                       image_pool="map", text_pool="last", causal=False,
+                       activation="gelu", vocab_size=32000)),
+])
+def test_recipe_values_match_the_docstring_citations(name, values):
+  """The values each config's docstring cites from its paper."""
+  c = recipe(name)
+  got = dict(b1=c.adam.b1, b2=c.adam.b2, eps=c.adam.eps,
+             warmup_steps=c.warmup_steps, batch_size=c.batch_size,
+             schedule=c.schedule, min_lr_ratio=c.min_lr_ratio,
+             logit_scale_init=c.model.logit_scale_init,
+             logit_scale_max=c.model.logit_scale_max,
+             logit_bias_init=c.model.logit_bias_init,
+             image_pool=c.model.image.pool, text_pool=c.model.text.pool,
+             causal=c.model.text.causal, activation=c.model.activation,
+             vocab_size=c.model.text.vocab_size)
+  assert got == values
