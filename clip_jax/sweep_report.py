@@ -1,0 +1,253 @@
+r"""`python -m clip_jax.sweep report WORKDIR`: a sweep's table and plot.
+
+  python -m clip_jax.sweep report runs/x [--metrics 'loss,eval/*/top1'] \
+      [--x KEY] [--metric NAME] [--seed_key seed] [--out runs/x/report]
+
+Reads each point of WORKDIR (sweep.json, else every sub-folder with a
+point.json): its overrides, its final metrics (per key, the value of the
+last step that logged it in metrics.jsonl) and the results of its latest
+`eval_<step>[_n].json` (clip_jax.evaluate), as 'evaluate/<name>'.
+
+Writes OUT.md and prints it: one row per point (its overrides, the last
+step, the metrics matching --metrics), then, when the seed key varies, one
+row per setting of the other keys with mean ± standard deviation over the
+seeds (n in the last column). Writes OUT_<metric>.png: --metric (default:
+the first metric column) against the sweep key --x (default: the first
+varying key other than the seed key), one line per setting of the other
+varying keys, mean ± standard deviation over seeds as error bars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import os
+import re
+
+DEFAULT_METRICS = "loss,eval/*,evaluate/*"
+_EVAL_FILE = re.compile(r"^eval_(\d+)(?:_(\d+))?\.json$")
+
+
+def final_metrics(point_dir: str) -> dict:
+  """{name: last logged value} from metrics.jsonl, plus 'step'."""
+  path = os.path.join(point_dir, "metrics.jsonl")
+  final = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        line = line.strip()
+        if not line:
+          continue
+        record = json.loads(line)
+        for key, value in record.items():
+          if isinstance(value, (int, float)) and not isinstance(value, bool):
+            final[key] = value
+  return final
+
+
+def latest_eval(point_dir: str) -> dict:
+  """{'evaluate/<name>': value} of the newest eval_<step>[_n].json."""
+  found = []
+  for name in os.listdir(point_dir):
+    match = _EVAL_FILE.match(name)
+    if match:
+      found.append((int(match.group(1)), int(match.group(2) or 1), name))
+  if not found:
+    return {}
+  with open(os.path.join(point_dir, max(found)[2])) as f:
+    results = json.load(f).get("results", {})
+  return {f"evaluate/{k}": v for k, v in results.items()
+          if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def collect(workdir: str) -> list[dict]:
+  """[{'name', 'overrides', 'done', 'metrics'}] of every point."""
+  from clip_jax import sweep  # pylint: disable=g-import-not-at-top
+  definition = os.path.join(workdir, sweep.SWEEP_FILE)
+  if os.path.exists(definition):
+    with open(definition) as f:
+      points = [(p["name"], p["overrides"]) for p in json.load(f)["points"]]
+  else:
+    points = []
+    for name in sorted(os.listdir(workdir)):
+      path = os.path.join(workdir, name, sweep.POINT_FILE)
+      if os.path.exists(path):
+        with open(path) as f:
+          points.append((name, json.load(f)))
+  if not points:
+    raise ValueError(f"{workdir} holds no sweep: no {sweep.SWEEP_FILE} and "
+                     f"no */{sweep.POINT_FILE}; give the --workdir of "
+                     "`python -m clip_jax.sweep`.")
+  rows = []
+  for name, overrides in points:
+    point_dir = os.path.join(workdir, name)
+    metrics = {}
+    if os.path.isdir(point_dir):
+      metrics = {**final_metrics(point_dir), **latest_eval(point_dir)}
+    rows.append(dict(name=name, overrides=overrides, metrics=metrics,
+                     done=os.path.exists(os.path.join(point_dir,
+                                                      sweep.DONE_FILE))))
+  return rows
+
+
+def varying_keys(rows: list[dict]) -> list[str]:
+  """Override keys whose value is not the same at every point, in order."""
+  keys = []
+  for row in rows:
+    keys += [k for k in row["overrides"] if k not in keys]
+  return [k for k in keys
+          if len({json.dumps(r["overrides"].get(k), sort_keys=True)
+                  for r in rows}) > 1]
+
+
+def metric_columns(rows: list[dict], patterns: str) -> list[str]:
+  wanted = [p for p in patterns.split(",") if p]
+  names = sorted({k for r in rows for k in r["metrics"] if k != "step"})
+  return [n for p in wanted for n in names if fnmatch.fnmatchcase(n, p)]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (0 for a single value)."""
+  n = len(values)
+  mean = sum(values) / n
+  if n < 2:
+    return mean, 0.0
+  return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def _fmt(value) -> str:
+  if value is None:
+    return "—"
+  if isinstance(value, float):
+    return f"{value:.4g}"
+  return str(value)
+
+
+def _markdown(header: list[str], body: list[list[str]]) -> str:
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(row) + " |" for row in body]
+  return "\n".join(lines)
+
+
+def groups_over_seeds(rows, keys, seed_key):
+  """{(values of keys except seed_key): [rows]} in first-seen order."""
+  grouped = {}
+  for row in rows:
+    setting = tuple(json.dumps(row["overrides"].get(k), sort_keys=True)
+                    for k in keys if k != seed_key)
+    grouped.setdefault(setting, []).append(row)
+  return grouped
+
+
+def table(rows: list[dict], metrics: list[str], seed_key: str = "seed"
+          ) -> str:
+  """The markdown report: per point, then mean ± std over seeds."""
+  keys = varying_keys(rows) or sorted({k for r in rows
+                                       for k in r["overrides"]})
+  header = keys + ["step", "done"] + metrics
+  body = [[_fmt(r["overrides"].get(k)) for k in keys]
+          + [_fmt(r["metrics"].get("step")), "yes" if r["done"] else "no"]
+          + [_fmt(r["metrics"].get(m)) for m in metrics] for r in rows]
+  text = _markdown(header, body)
+  if seed_key in keys:
+    others = [k for k in keys if k != seed_key]
+    summary = []
+    for group in groups_over_seeds(rows, keys, seed_key).values():
+      cells = [_fmt(group[0]["overrides"].get(k)) for k in others]
+      for m in metrics:
+        values = [r["metrics"][m] for r in group if m in r["metrics"]]
+        cells.append("—" if not values else
+                     "{:.4g} ± {:.2g}".format(*mean_std(values)))
+      summary.append(cells + [str(len(group))])
+    text += (f"\n\nMean ± standard deviation over `{seed_key}`:\n\n"
+             + _markdown(others + metrics + ["n"], summary))
+  return text + "\n"
+
+
+def plot_series(rows, metric: str, x_key: str, seed_key: str = "seed"):
+  """{line label: [(x, mean, std, n)]} sorted by x; the lines are the
+  settings of the varying keys other than x_key and seed_key."""
+  keys = [k for k in varying_keys(rows) if k not in (x_key, seed_key)]
+  lines = {}
+  for row in rows:
+    if metric not in row["metrics"] or x_key not in row["overrides"]:
+      continue
+    label = ", ".join(f"{k}={_fmt(row['overrides'].get(k))}" for k in keys)
+    x = row["overrides"][x_key]
+    lines.setdefault(label or metric, {}).setdefault(
+        json.dumps(x, sort_keys=True), (x, []))[1].append(
+            row["metrics"][metric])
+  series = {}
+  for label, by_x in lines.items():
+    points = [(x, *mean_std(v), len(v)) for x, v in by_x.values()]
+    numeric = all(isinstance(p[0], (int, float)) for p in points)
+    series[label] = sorted(points, key=lambda p: p[0] if numeric
+                           else str(p[0]))
+  return series
+
+
+def write_plot(series: dict, path: str, *, metric: str, x_key: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  xs = [p[0] for pts in series.values() for p in pts]
+  numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                for x in xs)
+  categories = sorted({str(x) for x in xs})
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for label, points in series.items():
+    pos = [p[0] if numeric else categories.index(str(p[0])) for p in points]
+    ax.errorbar(pos, [p[1] for p in points], yerr=[p[2] for p in points],
+                marker="o", capsize=3, label=label)
+  if numeric and xs and min(xs) > 0 and max(xs) / min(xs) >= 8:
+    ax.set_xscale("log", base=2)
+  if not numeric:
+    ax.set_xticks(range(len(categories)), categories)
+  ax.set_xlabel(x_key)
+  ax.set_ylabel(metric)
+  ax.set_title(f"{metric} vs {x_key} (mean ± std over seeds)", fontsize=9)
+  if len(series) > 1:
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv) -> int:
+  parser = argparse.ArgumentParser(prog="python -m clip_jax.sweep report",
+                                   description=__doc__.split("\n")[0])
+  parser.add_argument("workdir")
+  parser.add_argument("--metrics", default=DEFAULT_METRICS,
+                      help="comma-separated shell patterns of metric names")
+  parser.add_argument("--metric", default=None, help="the plotted metric")
+  parser.add_argument("--x", default=None, help="the sweep key on the x axis")
+  parser.add_argument("--seed_key", default="seed")
+  parser.add_argument("--out", default=None,
+                      help="path prefix of the .md and .png "
+                      "(default WORKDIR/report)")
+  args = parser.parse_args(argv)
+  rows = collect(args.workdir)
+  metrics = metric_columns(rows, args.metrics)
+  out = args.out or os.path.join(args.workdir, "report")
+  text = table(rows, metrics, args.seed_key)
+  with open(out + ".md", "w") as f:
+    f.write(text)
+  print(text, end="")
+  metric = args.metric or (metrics[0] if metrics else None)
+  keys = [k for k in varying_keys(rows) if k != args.seed_key]
+  x_key = args.x or (keys[0] if keys else None)
+  if metric is None or x_key is None:
+    print("(no plot: no metric or no varying sweep key)")
+    return 0
+  if x_key not in varying_keys(rows):
+    raise ValueError(f"--x {x_key!r} is not a varying key of this sweep; "
+                     f"choose one of {varying_keys(rows)}.")
+  safe = re.sub(r"[^A-Za-z0-9._-]+", "_", metric)
+  path = f"{out}_{safe}.png"
+  write_plot(plot_series(rows, metric, x_key, args.seed_key), path,
+             metric=metric, x_key=x_key)
+  print(f"plot: {path}")
+  return 0
