@@ -243,6 +243,17 @@ def slurm_script(argvs: list[list[str]], *, job_name: str, hosts: int,
 # -------------------------------------------------------- validation ----
 
 
+def load_point_config(spec: str, overrides: dict):
+  """The config of one point before its --config.* overrides (its
+  config-file arguments applied); a failure names the point."""
+  path, arg = split_config_spec(_config_spec_with_args(spec, overrides))
+  try:
+    return config_lib.load_config_file(os.path.abspath(path), arg)
+  except (ValueError, KeyError, TypeError) as e:
+    raise SweepError(f"Sweep point {point_name(overrides)}: get_config"
+                     f"({arg!r}) of {path} failed: {e}") from e
+
+
 def check_overrides(spec: str, points: list[dict]) -> None:
   """Every point's config loads and has its override keys; before any run.
 
@@ -257,8 +268,7 @@ def check_overrides(spec: str, points: list[dict]) -> None:
                        f"have the same name {name!r} (the same overrides); "
                        "remove the duplicate.")
     names[name] = overrides
-    path, arg = split_config_spec(_config_spec_with_args(spec, overrides))
-    config = config_lib.load_config_file(os.path.abspath(path), arg)
+    config = load_point_config(spec, overrides)
     for key, value in overrides.items():
       if key.startswith(ARG_PREFIX):
         continue

@@ -1,0 +1,52 @@
+r"""Learnable vs fixed temperature (CLIP Section 2.5), in small.
+
+  python -m clip_jax.sweep --config \
+      experiments/learnable_temperature/config.py \
+      --workdir runs/learnable_temperature
+
+The demo recipe (softmax) with the logit scale learnable from 1/0.07 and
+capped at 100 (CLIP), fixed at 1/0.07, or fixed at 1.0; 3 seeds, 600 steps
+of 256. The final `logit_scale` column of the report and its curve in each
+point's metrics.jsonl show whether the cap binds.
+
+NOT RUNNABLE YET: a fixed scale needs a way to stop the optimiser updating
+`logit_scale` (config.freeze, being added with LiT under issue 12). Until
+that key exists, points with fixed=true stop with an error naming it.
+
+Arguments of get_config: scale (initial multiplier), fixed (bool), steps.
+"""
+
+import ml_collections
+
+from clip_jax import config as config_lib
+
+SETTINGS = ((1 / 0.07, False), (1 / 0.07, True), (1.0, True))
+SEEDS = (0, 1, 2)
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, scale=1 / 0.07, fixed=False, steps=600)
+  c = config_lib.load_config_file(
+      "../../configs/demo.py", f"steps={arg.steps},eval_every={arg.steps}")
+  c.model.logit_scale_init = arg.scale
+  if arg.fixed:
+    if "freeze" not in c:
+      raise ValueError(
+          "experiments/learnable_temperature: fixed=true needs config.freeze "
+          "(parameters the optimiser leaves alone), which this checkout does "
+          "not have yet (issue 12); run the learnable point only, or merge "
+          "config.freeze first.")
+    c.freeze = r"^logit_scale$"
+  c.checkpoint_every_steps = max(arg.steps // 4, 1)
+  common = dict(batch_size=512, every_steps=arg.steps, templates="emoji")
+  c.evals = ml_collections.ConfigDict({
+      "openmoji": dict(type="zeroshot", split="openmoji", **common),
+      "heldout_concepts": dict(type="zeroshot", split="heldout_concepts",
+                               **common)})
+  return c
+
+
+def get_sweep(arg=None):
+  del arg
+  return [{"arg.scale": s, "arg.fixed": f, "seed": seed}
+          for s, f in SETTINGS for seed in SEEDS]

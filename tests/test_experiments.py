@@ -1,0 +1,50 @@
+"""Every experiments/*/config.py sweep expands into valid configs.
+
+The ablations run for hours, in a later session; this catches a broken
+sweep definition in a second: each point's config loads, takes its
+overrides and passes config.validate.
+"""
+
+import glob
+import os
+
+import pytest
+
+from clip_jax import config as config_lib
+from clip_jax import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*",
+                                            "config.py")))
+
+
+def with_overrides(config, overrides):
+  for key, value in overrides.items():
+    if not key.startswith(sweep.ARG_PREFIX):
+      parent, _, leaf = key.rpartition(".")
+      node = config_lib._get(config, parent) if parent else config  # pylint: disable=protected-access
+      node[leaf] = value
+  return config
+
+
+def test_there_are_six_experiments():
+  names = {os.path.basename(os.path.dirname(p)) for p in EXPERIMENTS}
+  assert names == {"sigmoid_vs_softmax_batch", "siglip_bias_temperature_init",
+                   "learnable_temperature", "prompt_ensembling",
+                   "gradient_accumulation", "effective_robustness"}
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS,
+                         ids=lambda p: os.path.basename(os.path.dirname(p)))
+def test_every_point_is_a_valid_config(path):
+  points = sweep.load_sweep(path)
+  names = {sweep.point_name(p) for p in points}
+  assert len(names) == len(points)
+  for overrides in points:
+    if overrides.get("arg.fixed") and "freeze" not in config_lib.base_config():
+      with pytest.raises(sweep.SweepError, match="config.freeze"):
+        sweep.load_point_config(path, overrides)
+      continue
+    config = with_overrides(sweep.load_point_config(path, overrides),
+                            overrides)
+    config_lib.validate(config, device_count=1)
