@@ -12,9 +12,11 @@ Writes OUT.md and prints it: one row per point (its overrides, the last
 step, the metrics matching --metrics), then, when the seed key varies, one
 row per setting of the other keys with mean ± standard deviation over the
 seeds (n in the last column). Writes OUT_<metric>.png: --metric (default:
-the first metric column) against the sweep key --x (default: the first
-varying key other than the seed key), one line per setting of the other
-varying keys, mean ± standard deviation over seeds as error bars.
+the first metric column) against --x, a sweep key (default: the first
+varying key other than the seed key) or another metric (e.g. in-style vs
+out-of-style accuracy), one line per setting of the other varying keys
+(or of --lines KEYS), mean ± standard deviation over seeds as error
+bars.
 """
 
 from __future__ import annotations
@@ -167,29 +169,54 @@ def table(rows: list[dict], metrics: list[str], seed_key: str = "seed"
   return text + "\n"
 
 
-def plot_series(rows, metric: str, x_key: str, seed_key: str = "seed"):
-  """{line label: [(x, mean, std, n)]} sorted by x; the lines are the
-  settings of the varying keys other than x_key and seed_key."""
-  keys = [k for k in varying_keys(rows) if k not in (x_key, seed_key)]
-  lines = {}
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def plot_series(rows, metric: str, x_key: str, seed_key: str = "seed",
+                lines: list[str] | None = None):
+  """{line label: [(x, mean, std, n, x std)]} sorted by x.
+
+  x_key is a sweep key, or a metric (then x is that metric's mean over the
+  seeds, x std its spread). Points: the settings of every varying key but
+  the seed, averaged over seeds. Lines: the settings of `lines` (default:
+  every varying key but x_key and the seed).
+  """
+  varying = varying_keys(rows)
+  x_is_key = any(x_key in r["overrides"] for r in rows)
+  if lines is None:
+    lines = [k for k in varying if k not in (x_key, seed_key)]
+  setting_keys = [k for k in varying if k not in (x_key, seed_key)]
+  grouped = {}
   for row in rows:
-    if metric not in row["metrics"] or x_key not in row["overrides"]:
+    source = row["overrides"] if x_is_key else row["metrics"]
+    if metric not in row["metrics"] or x_key not in source:
       continue
-    label = ", ".join(f"{k}={_fmt(row['overrides'].get(k))}" for k in keys)
-    x = row["overrides"][x_key]
-    lines.setdefault(label or metric, {}).setdefault(
-        json.dumps(x, sort_keys=True), (x, []))[1].append(
-            row["metrics"][metric])
+    label = ", ".join(f"{k}={_fmt(row['overrides'].get(k))}" for k in lines)
+    setting = json.dumps([row["overrides"].get(k) for k in setting_keys]
+                         + ([source[x_key]] if x_is_key else []),
+                         sort_keys=True)
+    xs, ys = grouped.setdefault(label or metric, {}).setdefault(
+        setting, ([], []))
+    xs.append(source[x_key])
+    ys.append(row["metrics"][metric])
   series = {}
-  for label, by_x in lines.items():
-    points = [(x, *mean_std(v), len(v)) for x, v in by_x.values()]
-    numeric = all(isinstance(p[0], (int, float)) for p in points)
+  for label, settings in grouped.items():
+    points = []
+    for xs, ys in settings.values():
+      if all(_is_number(x) for x in xs):
+        x, x_std = mean_std(xs)
+      else:
+        x, x_std = xs[0], 0.0
+      points.append((x, *mean_std(ys), len(ys), x_std))
+    numeric = all(_is_number(p[0]) for p in points)
     series[label] = sorted(points, key=lambda p: p[0] if numeric
                            else str(p[0]))
   return series
 
 
-def write_plot(series: dict, path: str, *, metric: str, x_key: str) -> None:
+def write_plot(series: dict, path: str, *, metric: str, x_key: str,
+               x_is_key: bool = True) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -201,8 +228,10 @@ def write_plot(series: dict, path: str, *, metric: str, x_key: str) -> None:
   for label, points in series.items():
     pos = [p[0] if numeric else categories.index(str(p[0])) for p in points]
     ax.errorbar(pos, [p[1] for p in points], yerr=[p[2] for p in points],
+                xerr=[p[4] for p in points] if numeric else None,
                 marker="o", capsize=3, label=label)
-  if numeric and xs and min(xs) > 0 and max(xs) / min(xs) >= 8:
+  if (numeric and x_is_key and xs and min(xs) > 0
+      and max(xs) / min(xs) >= 8):
     ax.set_xscale("log", base=2)
   if not numeric:
     ax.set_xticks(range(len(categories)), categories)
@@ -225,6 +254,10 @@ def main(argv) -> int:
   parser.add_argument("--metric", default=None, help="the plotted metric")
   parser.add_argument("--x", default=None, help="the sweep key on the x axis")
   parser.add_argument("--seed_key", default="seed")
+  parser.add_argument("--lines", default=None,
+                      help="comma-separated sweep keys: one line per "
+                      "setting of them (default: every varying key but "
+                      "--x and the seed)")
   parser.add_argument("--out", default=None,
                       help="path prefix of the .md and .png "
                       "(default WORKDIR/report)")
@@ -242,12 +275,15 @@ def main(argv) -> int:
   if metric is None or x_key is None:
     print("(no plot: no metric or no varying sweep key)")
     return 0
-  if x_key not in varying_keys(rows):
-    raise ValueError(f"--x {x_key!r} is not a varying key of this sweep; "
-                     f"choose one of {varying_keys(rows)}.")
+  x_is_key = x_key in varying_keys(rows)
+  if not x_is_key and not any(x_key in r["metrics"] for r in rows):
+    raise ValueError(f"--x {x_key!r} is not a varying key of this sweep "
+                     f"nor a metric; choose one of {varying_keys(rows)} "
+                     "or a metric name of the table.")
+  lines = args.lines.split(",") if args.lines else None
   safe = re.sub(r"[^A-Za-z0-9._-]+", "_", metric)
   path = f"{out}_{safe}.png"
-  write_plot(plot_series(rows, metric, x_key, args.seed_key), path,
-             metric=metric, x_key=x_key)
+  write_plot(plot_series(rows, metric, x_key, args.seed_key, lines), path,
+             metric=metric, x_key=x_key, x_is_key=x_is_key)
   print(f"plot: {path}")
   return 0

@@ -75,7 +75,8 @@ def test_table_and_plot_series_match_numpy(tmp_path):
   for loss in LOSSES:
     got = series[f"loss={loss}"]
     assert [p[0] for p in got] == list(BATCHES)
-    for batch, (_, mean, std, n) in zip(BATCHES, got):
+    for batch, (_, mean, std, n, x_std) in zip(BATCHES, got):
+      assert x_std == 0
       values = [top1(loss, batch, s) for s in SEEDS]
       assert n == 3
       np.testing.assert_allclose(mean, np.mean(values), rtol=1e-12)
@@ -83,6 +84,23 @@ def test_table_and_plot_series_match_numpy(tmp_path):
       row = (f"| {loss} | {batch} | {np.mean(values):.4g} ± "
              f"{np.std(values, ddof=1):.2g} | 3 |")
       assert row in lines
+
+
+def test_a_metric_on_the_x_axis_one_line_per_chosen_key(tmp_path):
+  """Metric against metric (effective robustness): x = evaluate/x/top1
+  (batch / 1000 at every point), lines by loss only."""
+  fabricate(str(tmp_path))
+  rows = sweep_report.collect(str(tmp_path))
+  series = sweep_report.plot_series(rows, "eval/openmoji/top1",
+                                    "evaluate/x/top1", lines=["loss"])
+  assert set(series) == {"loss=softmax", "loss=sigmoid"}
+  for loss in LOSSES:
+    got = series[f"loss={loss}"]
+    assert [p[0] for p in got] == [b / 1000 for b in BATCHES]
+    for batch, point in zip(BATCHES, got):
+      values = [top1(loss, batch, s) for s in SEEDS]
+      np.testing.assert_allclose(point[1], np.mean(values), rtol=1e-12)
+      assert point[3] == 3
 
 
 def test_report_main_writes_markdown_and_png(tmp_path, capsys):
