@@ -530,6 +530,14 @@ def format_diff(diff: dict) -> str:
   return "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
 
 
+def new_key_at_default(key: str, old, new) -> bool:
+  """True if the stored config predates `key` (MISSING) and the new value
+  is base_config's default: the run trains as before (wd_convention,
+  added later, defaults to the behaviour older runs had)."""
+  return old == MISSING and to_flat_dict(base_config()).get(
+      key, MISSING) == new
+
+
 def resumable_key(key: str) -> bool:
   """True if `key` may change on resume without --allow_config_change."""
   return any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS)

@@ -140,7 +140,9 @@ def check_resume(config, stored, *, workdir: str, step: int,
         f"differ from the stored config.json:\n{shown or '  (none)'}\n"
         "Nothing was changed. Use the stored config (drop these overrides) "
         "or a new --workdir.")
-  locked = {k: v for k, v in diff.items() if not config_lib.resumable_key(k)}
+  locked = {k: v for k, v in diff.items()
+            if not config_lib.resumable_key(k)
+            and not config_lib.new_key_at_default(k, *v)}
   if locked and not allow_change:
     raise ValueError(
         f"Resuming {workdir} (checkpoint {step}) with a changed config:\n"

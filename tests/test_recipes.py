@@ -10,6 +10,7 @@ weight by (1 - per-step decay):
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -41,8 +42,9 @@ def decay_factors(config, steps):
   tx, _ = optim.make_optimizer(config, params, total_steps=TOTAL,
                                warmup_steps=WARMUP)
   state, factors = tx.init(params), []
+  update = jax.jit(tx.update)
   for _ in range(steps):
-    updates, state = tx.update(zero, state, params)
+    updates, state = update(zero, state, params)
     new = optax.apply_updates(params, updates)
     factors.append(float(new["kernel"][0, 0] / params["kernel"][0, 0]))
     params = new
@@ -120,3 +122,23 @@ def test_recipe_values_match_the_docstring_citations(name, values):
              causal=c.model.text.causal, activation=c.model.activation,
              vocab_size=c.model.text.vocab_size)
   assert got == values
+
+
+def test_runs_from_before_wd_convention_resume_without_the_flag():
+  """A stored config without wd_convention (older runs) equals the new
+  default 'coupled' in effect: no --allow_config_change needed; any other
+  value, or any other change, still needs it."""
+  from clip_jax import train  # pylint: disable=g-import-not-at-top
+  new = recipe("clip.py", "tiny")
+  stored = recipe("clip.py", "tiny")
+  del stored["wd_convention"]
+
+  def resume(config):
+    return train.check_resume(config, stored, workdir="w", step=3,
+                              mismatches=[], allow_change=False,
+                              schedules=None)
+
+  assert "Resuming from checkpoint 3" in resume(new)
+  new.wd_convention = "decoupled"
+  with pytest.raises(ValueError, match="wd_convention"):
+    resume(new)
