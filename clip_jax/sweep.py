@@ -30,7 +30,8 @@ XLA's CPU thread pool sizes itself from the CPUs it may run on.
 
 Exit status: 0 every point complete; 75 stopped early (SIGTERM / Ctrl-C to
 the sweep is passed on to the running points, which checkpoint and exit 75;
-no new point starts): re-run the same command to resume; 2 a user error
+no new point starts; a second Ctrl-C aborts): re-run the same command to
+resume; 2 a user error
 (bad sweep definition, or a point's config failed validation); 1 a point
 failed otherwise (its log: WORKDIR/<point>/train.log).
 
@@ -389,6 +390,9 @@ class Sweep:
     with self._lock:
       self.stop_signal = signal.Signals(signum).name
       running = list(self._running.values())
+    # A second Ctrl-C stops the sweep at once (the points get it from the
+    # terminal too, and abort without a checkpoint, as the trainer does).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for proc in running:  # Each checkpoints and exits 75.
       if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
