@@ -334,7 +334,7 @@ class Sweep:
     self.python, self.stream = python, stream or sys.stdout
     cores = sorted(os.sched_getaffinity(0))
     self.core_groups = split_cores(cores, parallel)
-    self._lock = threading.Lock()
+    self._lock = threading.RLock()  # The signal handler takes it too.
     self._running: dict[str, subprocess.Popen] = {}
     self.stop_signal = None
 
