@@ -24,9 +24,10 @@ point.json (its overrides) and, when the trainer exits 0, DONE. Re-running
 the same sweep skips points with DONE and re-runs the others with the same
 command: the trainer resumes each from its latest checkpoint.
 
---parallel N runs N points at a time, each pinned (sched_setaffinity) to its
-share of this process's CPUs, with OMP/TF thread counts set to that share;
-XLA's CPU thread pool sizes itself from the CPUs it may run on.
+--parallel N runs N points at a time, each pinned (taskset -c) to its share
+of this process's CPUs, with OMP/TF thread counts set to that share; XLA's
+CPU thread pool sizes itself from the CPUs it may run on (checked: 1 vs 2
+'XLAEigen' threads pinned to 1 vs 2 CPUs).
 
 Exit status: 0 every point complete; 75 stopped early (SIGTERM / Ctrl-C to
 the sweep is passed on to the running points, which checkpoint and exit 75;
@@ -55,6 +56,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -309,6 +311,19 @@ def split_cores(cores: list[int], parts: int) -> list[list[int]]:
   return groups
 
 
+def pinned_argv(argv: list[str], cores: list[int]) -> list[str]:
+  """`argv` run on `cores` only: `taskset -c` (util-linux), else a Python
+  trampoline. Not subprocess's preexec_fn: it forks a process that has
+  JAX's threads running, which may deadlock."""
+  taskset = shutil.which("taskset")
+  cpu_list = ",".join(map(str, cores))
+  if taskset:
+    return [taskset, "-c", cpu_list] + argv
+  return [sys.executable, "-c",
+          "import os, sys; os.sched_setaffinity(0, {%s}); "
+          "os.execvp(sys.argv[1], sys.argv[1:])" % cpu_list, *argv]
+
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -368,9 +383,8 @@ class Sweep:
              f"{shlex.join(argv)}")
     with open(os.path.join(point_dir, LOG_FILE), "a") as log:
       proc = subprocess.Popen(
-          argv, stdout=log, stderr=subprocess.STDOUT,
-          env=pinned_env(os.environ, cores),
-          preexec_fn=lambda: os.sched_setaffinity(0, cores))
+          pinned_argv(argv, cores), stdout=log, stderr=subprocess.STDOUT,
+          env=pinned_env(os.environ, cores))
       with self._lock:
         self._running[point_dir] = proc
         stopping = self.stop_signal is not None

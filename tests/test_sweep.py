@@ -304,3 +304,17 @@ def test_real_sweep_completes_and_a_half_finished_one_resumes(tmp_path):
   assert "Resuming from checkpoint" in long_log
   steps = _logged_steps(long_dir)
   assert steps[-1] == 200 and len(steps) == len(set(steps))
+
+
+def test_the_python_trampoline_pins_like_taskset(tmp_path, monkeypatch):
+  """Without taskset, the point still runs on its cores only."""
+  cores = sorted(os.sched_getaffinity(0))[:1]
+  argv = [sys.executable, "-c",
+          "import os; print(sorted(os.sched_getaffinity(0)))"]
+  for which in (None, "real"):
+    if which is None:
+      monkeypatch.setattr(sweep.shutil, "which", lambda name: None)
+    out = subprocess.run(sweep.pinned_argv(argv, cores), check=True,
+                         capture_output=True, text=True).stdout
+    assert out.strip() == str(cores)
+    monkeypatch.undo()
