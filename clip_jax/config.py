@@ -379,7 +379,8 @@ def _check_data_matches_model(config, **_) -> None:
 
 def _check_data(config, **_) -> None:
   data = config.data
-  needs = {"folder": "path", "tfds": "tfds_name"}.get(data.source)
+  needs = {"folder": "path", "tfds": "tfds_name", "shards": "path",
+           "wds": "path"}.get(data.source)
   if needs and not data.get(needs):
     raise ValueError(f"config.data.source={data.source!r} needs "
                      f"config.data.{needs}, which is {data.get(needs)!r}.")
@@ -389,6 +390,9 @@ def _check_data(config, **_) -> None:
   for key in ("worker_count", "read_threads", "prefetch"):
     if (data.get(key) or 0) < 0:
       raise ValueError(f"config.data.{key}={data[key]} must be >= 0.")
+  if data.shuffle_buffer < 1:
+    raise ValueError(f"config.data.shuffle_buffer={data.shuffle_buffer} "
+                     "must be >= 1 (1 = no shuffling of the 'wds' source).")
   fraction = data.max_skip_fraction
   if not 0 <= fraction <= 1:
     raise ValueError(f"config.data.max_skip_fraction={fraction} must be in "

@@ -1,0 +1,376 @@
+"""ArrayRecord shards and the WebDataset source, from a synthetic tar set.
+
+The tars are made here with tarfile: good JPEG and PNG samples whose pixel
+value and caption encode their number, plus bad samples (a corrupt image, a
+missing caption, a non-UTF-8 caption, a missing image) and one damaged tar.
+References: the set of good sample numbers (known by construction), and
+the order a NumPy permutation of the seed gives (the pipeline's order is
+grain's shuffle, checked against the single-process run and across process
+counts).
+"""
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip_jax.data import pipeline, shards, wds
+
+NUM_TARS = 4
+PER_TAR = 9  # Samples per tar, of which some are bad (BAD below).
+
+
+def _image_bytes(number: int, fmt: str) -> bytes:
+  # Pixel value = number: the batch's pixels tell which example it is.
+  buf = io.BytesIO()
+  Image.new("RGB", (12, 10), (number, number, number)).save(
+      buf, format=fmt, **({"quality": 100} if fmt == "JPEG" else {}))
+  return buf.getvalue()
+
+
+def _bad_kind(number: int) -> str | None:
+  """Which samples are bad, and how (the rest are good)."""
+  return {3: "corrupt image", 7: "missing caption", 12: "non-UTF-8 text",
+          20: "missing image", 29: "corrupt image"}.get(number)
+
+
+def _add(tar, name: str, data: bytes) -> None:
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
+
+
+def make_tars(folder, num_tars=NUM_TARS, per_tar=PER_TAR):
+  """Tars 00000.tar ... and the numbers of the good samples."""
+  good = []
+  for t in range(num_tars):
+    with tarfile.open(os.path.join(folder, f"{t:05d}.tar"), "w") as tar:
+      for i in range(per_tar):
+        number = t * per_tar + i
+        key = f"{number:06d}"
+        kind = _bad_kind(number)
+        fmt = "PNG" if number % 2 else "JPEG"
+        image = _image_bytes(number * 4, fmt)
+        if kind == "corrupt image":
+          image = image[:len(image) // 2]
+        if kind != "missing image":
+          _add(tar, f"{key}.{'png' if fmt == 'PNG' else 'jpg'}", image)
+        caption = f"photo {number}".encode()
+        if kind == "non-UTF-8 text":
+          caption = b"caf\xe9 " + caption
+        if kind != "missing caption":
+          _add(tar, f"{key}.txt", caption)
+        _add(tar, f"{key}.cls", str(number).encode())
+        if kind is None:
+          good.append(number)
+  return good
+
+
+@pytest.fixture(scope="module")
+def tars(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("tars")
+  good = make_tars(str(folder))
+  return str(folder), good
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tars, tmp_path_factory):
+  folder, _ = tars
+  out = str(tmp_path_factory.mktemp("shards"))
+  shards.write(os.path.join(folder, "{00000..00003}.tar"), out,
+               num_shards=2, workers=1, verbose=False)
+  return out
+
+
+class CaptionNumberTokenizer:
+  """'photo N' -> [N + 1, 1, 0, ...]: the batch's text says the example."""
+
+  vocab_size = 1000
+
+  def encode(self, texts, context_length, eos_policy):
+    del eos_policy
+    out = np.zeros((len(texts), context_length), np.int32)
+    for row, text in enumerate(texts):
+      out[row, :2] = [int(text.split()[-1]) + 1, 1]
+    return out
+
+
+def _config(**overrides):
+  config = pipeline.default_data_config()
+  config.update(image_size=8, context_length=4, prefetch=0,
+                max_skip_fraction=0.5, tokenizer="unused")
+  config.update(overrides)
+  return config
+
+
+def _numbers(batch):
+  return [int(t) - 1 for t in batch["text"][:, 0]]
+
+
+def test_metadata_counts_good_and_bad(shard_dir, tars):
+  _, good = tars
+  with open(os.path.join(shard_dir, "metadata.json")) as f:
+    meta = json.load(f)
+  assert meta["count"] == len(good) == sum(s["count"] for s in meta["shards"])
+  assert meta["skipped_total"] == 5
+  assert meta["skipped"] == {"bad image": 2, "no caption": 1,
+                             "the caption is not UTF-8": 1,
+                             "no image member": 1}
+  assert meta["captions"]["per_example"] == 1.0
+  lengths = [len(f"photo {n}") for n in good]
+  assert meta["captions"]["mean_chars"] == pytest.approx(np.mean(lengths))
+  assert meta["captions"]["max_chars"] == max(lengths)
+  assert meta["labelled"] == len(good)
+
+
+def test_records_keep_bytes_captions_labels(shard_dir, tars):
+  folder, good = tars
+  source = shards.ShardsSource(shard_dir)
+  records = [source[i] for i in range(len(source))]
+  # Whole tars per shard, in input order: the good samples in order.
+  assert [r["label"] for r in records] == good
+  for r in records:
+    assert r["captions"] == [f"photo {r['label']}"]
+  # The image bytes are the tar member's, unchanged.
+  with tarfile.open(os.path.join(folder, "00000.tar")) as tar:
+    member = tar.extractfile("000000.jpg").read()
+  assert records[0]["image"] == member
+
+
+def test_write_resumes_and_refuses_other_settings(tars, tmp_path):
+  folder, good = tars
+  pattern = os.path.join(folder, "*.tar")
+  out = str(tmp_path / "out")
+  shards.write(pattern, out, num_shards=4, workers=1, verbose=False)
+  first = open(os.path.join(out, shards.shard_name(1, 4)), "rb").read()
+  # An interrupted run: shard 2 lost its marker and file; shard 1 is kept.
+  os.remove(os.path.join(out, "done", "shard-00002.json"))
+  os.remove(os.path.join(out, shards.shard_name(2, 4)))
+  mtime = os.path.getmtime(os.path.join(out, shards.shard_name(1, 4)))
+  meta = shards.write(pattern, out, num_shards=4, workers=1, verbose=False)
+  assert meta["count"] == len(good)
+  assert os.path.getmtime(os.path.join(out, shards.shard_name(1, 4))) == mtime
+  assert open(os.path.join(out, shards.shard_name(1, 4)), "rb").read() == first
+  with pytest.raises(ValueError, match="another --output"):
+    shards.write(pattern, out, num_shards=3, workers=1, verbose=False)
+
+
+def test_max_side_reencodes_large_images(tmp_path):
+  with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+    big = io.BytesIO()
+    Image.new("RGB", (100, 40), (200, 10, 10)).save(big, format="PNG")
+    _add(tar, "a.png", big.getvalue())
+    _add(tar, "a.txt", b"red")
+    _add(tar, "b.png", _image_bytes(9, "PNG"))
+    _add(tar, "b.txt", b"grey")
+  shards.write(str(tmp_path / "00000.tar"), str(tmp_path / "out"),
+               num_shards=1, max_side=50, workers=1, verbose=False)
+  source = shards.ShardsSource(str(tmp_path / "out"))
+  a, b = (Image.open(io.BytesIO(source[i]["image"])) for i in range(2))
+  assert a.format == "JPEG" and a.size == (50, 20)
+  assert np.abs(np.asarray(a).astype(int) - (200, 10, 10)).max() <= 8
+  assert b.format == "PNG" and b.size == (12, 10)  # Small: as it came.
+
+
+def _read_all(config, process_count, batch_per_process, seed=0,
+              num_epochs=1):
+  """Per process: its batches of one epoch."""
+  out = []
+  for p in range(process_count):
+    with pipeline.make_dataset(
+        config, split="train", batch_size_per_process=batch_per_process,
+        seed=seed, tokenizer=CaptionNumberTokenizer(), shard_index=p,
+        shard_count=process_count, num_epochs=num_epochs) as iterator:
+      out.append((list(iterator), iterator.num_skipped))
+  return out
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4])
+def test_shards_every_good_example_once_per_epoch(shard_dir, tars,
+                                                  processes):
+  _, good = tars
+  config = _config(source="shards", path=shard_dir)
+  per_process = 4 // processes
+  runs = _read_all(config, processes, per_process)
+  single = _read_all(config, 1, 4)[0][0]
+  numbers = [n for batches, _ in runs for b in batches for n in _numbers(b)]
+  # 31 records (the bad were left out when writing): 7 full global
+  # batches of 4 = 28 examples, each good one at most once.
+  assert len(numbers) == len(set(numbers)) == 28
+  assert set(numbers) <= set(good)
+  # The images are the examples' own (pixel value 4 * number; JPEG +-3).
+  for batches, _ in runs:
+    for b in batches:
+      assert np.abs(b["image"][:, 4, 4, 0].astype(int) -
+                    4 * np.array(_numbers(b))).max() <= 3
+      np.testing.assert_array_equal(b["label"], _numbers(b))
+  # Process-ordered concatenation = the single-process global batch.
+  for step, batch in enumerate(single):
+    joined = [n for batches, _ in runs for n in _numbers(batches[step])]
+    assert joined == _numbers(batch)
+  # In the seed's order: grain's shuffle of the 31 record indices.
+  order = [good[i] for i in _grain_order(len(good), seed=0)]
+  assert [n for b in single for n in _numbers(b)] == order[:28]
+
+
+def _grain_order(n, seed):
+  import grain  # pylint: disable=g-import-not-at-top
+  ds = grain.MapDataset.range(n).seed(seed).shuffle()
+  return [ds[i] for i in range(n)]
+
+
+def test_shards_bad_records_are_counted(tmp_path, tars):
+  # A shard with a record that is not one of ours: read, skipped, counted.
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "x.array_record")
+  writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+  for n in range(8):
+    writer.write(shards.encode_record(f"k{n}", [f"photo {n}"],
+                                      _image_bytes(4 * n, "PNG"), "png", n))
+  writer.write(b"\x05\x00")  # Truncated header.
+  writer.write(shards.encode_record("bad", ["photo 99"], b"not an image",
+                                    "png"))
+  writer.close()
+  config = _config(source="shards", path=str(tmp_path / "*.array_record"))
+  (batches, skipped), = _read_all(config, 1, 2)  # 10 records: 5 batches.
+  assert skipped == 2
+  assert sorted(n for b in batches for n in _numbers(b)) == list(range(8))
+  assert sum(int(b["num_skipped"].sum()) for b in batches) == 2
+
+
+def test_shards_resume_mid_epoch_is_bit_exact(shard_dir):
+  config = _config(source="shards", path=shard_dir, worker_count=0,
+                   random_resized_crop=(0.5, 1.0), prefetch=2)
+  kwargs = dict(split="train", batch_size_per_process=3, seed=5,
+                tokenizer=CaptionNumberTokenizer())
+  with pipeline.make_dataset(config, **kwargs) as iterator:
+    for _ in range(4):
+      next(iterator)
+    state = iterator.get_state()
+    expected = [next(iterator) for _ in range(12)]  # Past the epoch end.
+  with pipeline.make_dataset(config, **kwargs) as restored:
+    restored.set_state(state)
+    got = [next(restored) for _ in range(12)]
+  for a, b in zip(expected, got):
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+
+
+# ---------------------------------------------------------------- wds ----
+
+
+def test_brace_expansion_and_tar_samples(tars):
+  folder, _ = tars
+  files = wds.expand_patterns(os.path.join(folder, "{00001..00002}.tar"))
+  assert [os.path.basename(f) for f in files] == ["00001.tar", "00002.tar"]
+  assert wds.expand_braces("a{0..2}{x,y}") == [
+      "a0x", "a0y", "a1x", "a1y", "a2x", "a2y"]
+  items = list(wds.iter_tar_samples(files[0]))
+  assert [k for _, _, k, _ in items] == [f"{n:06d}" for n in range(9, 18)]
+  # Each sample starts where the previous one said the next starts, and
+  # reading from that offset gives it again.
+  for (_, nxt, _, _), (start, _, key, members) in zip(items, items[1:]):
+    assert nxt == start
+    assert wds.read_sample_at(files[0], start) == (key, members)
+
+
+def test_wds_shard_assignment_is_deterministic_and_disjoint():
+  for k in (1, 2, 4):
+    for epoch in (0, 1):
+      parts = [wds.process_shards(10, seed=3, epoch=epoch, process_index=p,
+                                  process_count=k) for p in range(k)]
+      assert sorted(i for part in parts for i in part) == list(range(10))
+      assert parts == [wds.process_shards(10, seed=3, epoch=epoch,
+                                          process_index=p, process_count=k)
+                       for p in range(k)]
+  # Epochs reshuffle the shards; the permutation is NumPy's of (seed, e).
+  e0 = wds.process_shards(10, seed=3, epoch=0, process_index=0,
+                          process_count=1)
+  assert e0 == list(np.random.default_rng([3, 0]).permutation(10))
+  assert e0 != wds.process_shards(10, seed=3, epoch=1, process_index=0,
+                                  process_count=1)
+
+
+def _wds_numbers(config, processes, batch=1, seed=0):
+  out, skipped = [], 0
+  for p in range(processes):
+    with pipeline.make_dataset(
+        config, split="train", batch_size_per_process=batch, seed=seed,
+        tokenizer=CaptionNumberTokenizer(), shard_index=p,
+        shard_count=processes, num_epochs=1) as iterator:
+      out.append([n for b in iterator for n in _numbers(b)])
+      skipped += iterator.num_skipped
+  return out, skipped
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4])
+def test_wds_every_good_member_once_per_epoch(tars, processes):
+  folder, good = tars
+  config = _config(source="wds", path=os.path.join(folder, "*.tar"),
+                   shuffle_buffer=5)
+  numbers, skipped = _wds_numbers(config, processes)
+  flat = [n for part in numbers for n in part]
+  assert sorted(flat) == good
+  assert skipped == 5
+  # Process p reads exactly its shards' good samples.
+  for p, part in enumerate(numbers):
+    mine = wds.process_shards(NUM_TARS, seed=0, epoch=0, process_index=p,
+                              process_count=processes)
+    assert sorted(part) == [n for n in good if n // PER_TAR in mine]
+  # The buffer shuffles: not in the tars' order, and the seed decides.
+  if processes == 1:
+    assert flat != sorted(flat)
+    assert _wds_numbers(config, 1)[0] == numbers
+    assert _wds_numbers(config, 1, seed=1)[0] != numbers
+
+
+def test_wds_damaged_tar_is_counted(tars, tmp_path):
+  folder, good = tars
+  data = open(os.path.join(folder, "00001.tar"), "rb").read()
+  for name in ("00000.tar", "00002.tar"):
+    os.symlink(os.path.join(folder, name), tmp_path / name)
+  # Cut inside a member: the samples before it are read, then one error.
+  (tmp_path / "00001.tar").write_bytes(data[:5000])
+  config = _config(source="wds", path=str(tmp_path / "*.tar"),
+                   shuffle_buffer=4)
+  (numbers,), skipped = _wds_numbers(config, 1)
+  kept = [n for n in good if n // PER_TAR in (0, 2)]
+  assert set(kept) <= set(numbers) and len(numbers) > len(kept)
+  assert set(numbers) <= set(good)
+  assert skipped >= 3  # Bad samples of tars 0 and 2, and the damage.
+
+
+def test_wds_resume_restores_position_bit_exact(tars):
+  folder, _ = tars
+  config = _config(source="wds", path=os.path.join(folder, "*.tar"),
+                   shuffle_buffer=6, random_resized_crop=(0.5, 1.0),
+                   worker_count=2, prefetch=2)
+  kwargs = dict(split="train", batch_size_per_process=4, seed=2,
+                tokenizer=CaptionNumberTokenizer(), shard_index=1,
+                shard_count=2)
+  with pipeline.make_dataset(config, **kwargs) as iterator:
+    # 10 x 4 examples: the second chunk of pipeline.CHUNK = 32 (process 1
+    # reads ~18 samples an epoch), so the saved reader has a full buffer.
+    for _ in range(10):
+      next(iterator)
+    state = iterator.get_state()
+    expected = [next(iterator) for _ in range(8)]  # Into the next epochs.
+  saved = json.loads(state)
+  # The buffer (6, less the sample just emitted) is read again.
+  assert len(saved["position"]["reader"]["buffer"]) == 5
+  assert saved["position"]["skip"] == saved["consumed"] - pipeline.CHUNK
+  config.worker_count = 0  # Threads do not change the batches.
+  with pipeline.make_dataset(config, **kwargs) as restored:
+    restored.set_state(state)
+    got = [next(restored) for _ in range(8)]
+  for a, b in zip(expected, got):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  with pipeline.make_dataset(config, **{**kwargs, "seed": 3}) as other:
+    with pytest.raises(ValueError, match="seed"):
+      other.set_state(state)
