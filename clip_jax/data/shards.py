@@ -128,8 +128,9 @@ def _examples_of_list(records):
 
 def checked_image(data: bytes, max_side: int | None) -> tuple[bytes, str]:
   """(bytes, format) of an image PIL decodes (JPEGs checked at 1/8 scale:
-  every entropy-coded byte is still read); re-encoded as JPEG when its
-  longer side exceeds max_side. Raises on an image that cannot be used."""
+  every entropy-coded byte is still read, at a fraction of the cost);
+  re-encoded as JPEG when its longer side exceeds max_side. Raises on an
+  image that cannot be used."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   from clip_jax.data import transforms  # pylint: disable=g-import-not-at-top
@@ -146,8 +147,10 @@ def checked_image(data: bytes, max_side: int | None) -> tuple[bytes, str]:
       return out.getvalue(), "jpg"
     if fmt == "jpeg":
       img.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+    elif w * h > transforms.MAX_DECODE_PIXELS:
+      raise ValueError(f"the {fmt} image is {w}x{h} px, more than the "
+                       "pipeline decodes; give --max_side")
     img.load()
-  transforms.decode(data)  # The pipeline's own checks (size, mode).
   return data, {"jpeg": "jpg"}.get(fmt, fmt)
 
 
