@@ -32,9 +32,16 @@ def _image_bytes(number: int, fmt: str) -> bytes:
   return buf.getvalue()
 
 
+def _noise_bytes(number: int, fmt: str) -> bytes:
+  pixels = np.random.default_rng(number).integers(0, 256, (64, 64, 3))
+  buf = io.BytesIO()
+  Image.fromarray(pixels.astype(np.uint8)).save(buf, format=fmt)
+  return buf.getvalue()
+
+
 def _bad_kind(number: int) -> str | None:
   """Which samples are bad, and how (the rest are good)."""
-  return {3: "corrupt image", 7: "missing caption", 12: "non-UTF-8 text",
+  return {2: "corrupt image", 7: "missing caption", 12: "non-UTF-8 text",
           20: "missing image", 29: "corrupt image"}.get(number)
 
 
@@ -55,8 +62,9 @@ def make_tars(folder, num_tars=NUM_TARS, per_tar=PER_TAR):
         kind = _bad_kind(number)
         fmt = "PNG" if number % 2 else "JPEG"
         image = _image_bytes(number * 4, fmt)
-        if kind == "corrupt image":
-          image = image[:len(image) // 2]
+        if kind == "corrupt image":  # Its header reads; its pixels do not.
+          image = _noise_bytes(number, fmt)
+          image = image[:len(image) * 2 // 3]
         if kind != "missing image":
           _add(tar, f"{key}.{'png' if fmt == 'PNG' else 'jpg'}", image)
         caption = f"photo {number}".encode()
@@ -322,27 +330,61 @@ def test_wds_every_good_member_once_per_epoch(tars, processes):
     mine = wds.process_shards(NUM_TARS, seed=0, epoch=0, process_index=p,
                               process_count=processes)
     assert sorted(part) == [n for n in good if n // PER_TAR in mine]
-  # The buffer shuffles: not in the tars' order, and the seed decides.
+  # The order: the documented shuffle buffer (fill to 5, emit a random
+  # one drawn by PCG64(seed, process), put the last in its place) over the
+  # process's shards in their epoch order, bad samples included.
+  for p, part in enumerate(numbers):
+    assert part == _buffer_order_reference(processes, p, buffer=5, seed=0)
   if processes == 1:
     assert flat != sorted(flat)
-    assert _wds_numbers(config, 1)[0] == numbers
     assert _wds_numbers(config, 1, seed=1)[0] != numbers
+
+
+def _buffer_order_reference(processes, p, buffer, seed):
+  mine = np.random.default_rng([seed, 0]).permutation(NUM_TARS)[p::processes]
+  stream = [t * PER_TAR + i for t in mine for i in range(PER_TAR)]
+  rng = np.random.Generator(np.random.PCG64([seed, p]))
+  held, out = [], []
+  while stream or held:
+    while stream and len(held) < buffer:
+      held.append(stream.pop(0))
+    j = int(rng.integers(len(held)))
+    out.append(held[j])
+    held[j] = held[-1]
+    held.pop()
+  return [n for n in out if _bad_kind(n) is None]
 
 
 def test_wds_damaged_tar_is_counted(tars, tmp_path):
   folder, good = tars
-  data = open(os.path.join(folder, "00001.tar"), "rb").read()
+  intact = os.path.join(folder, "00001.tar")
   for name in ("00000.tar", "00002.tar"):
     os.symlink(os.path.join(folder, name), tmp_path / name)
-  # Cut inside a member: the samples before it are read, then one error.
-  (tmp_path / "00001.tar").write_bytes(data[:5000])
+  # Cut inside the image of the tar's third sample (number 11): samples 9
+  # and 10 are read, then the damage is one bad example.
+  third = [start for start, _, _, _ in wds.iter_tar_samples(intact)][2]
+  data = open(intact, "rb").read()
+  (tmp_path / "00001.tar").write_bytes(data[:third + 512 + 100])
   config = _config(source="wds", path=str(tmp_path / "*.tar"),
                    shuffle_buffer=4)
   (numbers,), skipped = _wds_numbers(config, 1)
-  kept = [n for n in good if n // PER_TAR in (0, 2)]
-  assert set(kept) <= set(numbers) and len(numbers) > len(kept)
-  assert set(numbers) <= set(good)
-  assert skipped >= 3  # Bad samples of tars 0 and 2, and the damage.
+  kept = [n for n in good if n // PER_TAR in (0, 2)] + [9, 10]
+  assert sorted(numbers) == sorted(kept)
+  # Bad samples 2, 7, 20, sample 11 (its image only), and the damage.
+  assert skipped == 3 + 2
+  # A restore from any batch gives the rest, skips counted the same.
+  kwargs = dict(split="train", batch_size_per_process=1, seed=0,
+                tokenizer=CaptionNumberTokenizer(), num_epochs=1)
+  with pipeline.make_dataset(config, **kwargs) as iterator:
+    states = [iterator.get_state()]
+    for _ in numbers:
+      next(iterator)
+      states.append(iterator.get_state())
+  for step, state in enumerate(states):
+    with pipeline.make_dataset(config, **kwargs) as restored:
+      restored.set_state(state)
+      rest = [n for b in restored for n in _numbers(b)]
+      assert rest == numbers[step:] and restored.num_skipped == skipped
 
 
 def test_wds_resume_restores_position_bit_exact(tars):

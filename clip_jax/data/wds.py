@@ -46,6 +46,7 @@ import tarfile
 import numpy as np
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
+DAMAGED = -1  # The offset of a shard's damage report (not a byte offset).
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
@@ -96,7 +97,8 @@ def iter_tar_samples(path: str, offset: int = 0):
   of a tar, from the member header at byte `offset`.
 
   next_offset is where the next sample starts (None at the end). A damaged
-  tar ends with one item whose members are an error string.
+  tar ends with the sample cut short (if any; next_offset DAMAGED) and one
+  item (DAMAGED, None, '@damaged', error string).
   """
   key, start, members, tar = None, offset, {}, None
   with open(path, "rb") as f:
@@ -125,10 +127,10 @@ def iter_tar_samples(path: str, offset: int = 0):
       # Whole members read before the damage are in `members` (a sample
       # cut short lacks one and is bad); the damage itself is one more.
       if members:
-        yield start, None, key, members
+        yield start, DAMAGED, key, members
       where = offset if tar is None else tar.offset
-      yield where, None, f"@{where}", f"damaged shard ({type(e).__name__}: " \
-          f"{e})"
+      yield DAMAGED, None, "@damaged", (
+          f"damaged shard (near byte {where}: {type(e).__name__}: {e})")
 
 
 def read_sample_at(path: str, offset: int):
@@ -200,6 +202,7 @@ class WdsReader:
     self._epoch, self._cursor, self._offset = 0, 0, 0
     self._buffer = []  # [(shard index, offset, record)]
     self._samples = None  # Generator over the shard being read.
+    self._damage = None  # The error of the shard being read, once met.
 
   def _order(self, epoch):
     return process_shards(len(self.shards), seed=self.seed, epoch=epoch,
@@ -217,6 +220,12 @@ class WdsReader:
         self._epoch, self._cursor, self._offset = self._epoch + 1, 0, 0
         continue
       shard = order[self._cursor]
+      if self._offset == DAMAGED:  # Its report is next, then the next shard.
+        error, self._damage = self._damage, None
+        self.close()
+        self._cursor, self._offset = self._cursor + 1, 0
+        return shard, DAMAGED, sample_record(self.shards[shard], "@damaged",
+                                             error)
       if self._samples is None:
         self._samples = iter_tar_samples(self.shards[shard], self._offset)
       item = next(self._samples, None)
@@ -225,7 +234,13 @@ class WdsReader:
         self._cursor, self._offset = self._cursor + 1, 0
         continue
       offset, next_offset, key, members = item
-      if next_offset is None:
+      if offset == DAMAGED:  # Damaged before its first whole sample.
+        self._offset, self._damage = DAMAGED, members
+        continue
+      if next_offset == DAMAGED:  # The report follows: keep its text.
+        self._damage = next(self._samples)[3]
+        self._offset = DAMAGED
+      elif next_offset is None:
         self._samples.close()
         self._samples = None
         self._cursor, self._offset = self._cursor + 1, 0
@@ -251,18 +266,21 @@ class WdsReader:
   def state(self) -> dict:
     return {"epoch": self._epoch, "cursor": self._cursor,
             "offset": self._offset,
-            "buffer": [[s, o] for s, o, _ in self._buffer],
+            "damage": self._damage,
+            "buffer": [[s, o] if o != DAMAGED else [s, o, r["error"]]
+                       for s, o, r in self._buffer],
             "rng": self._rng.bit_generator.state}
 
   def restore(self, state: dict) -> None:
     """Moves to a saved position; buffered samples are read again."""
     self.close()
     self._epoch, self._cursor = state["epoch"], state["cursor"]
-    self._offset = state["offset"]
+    self._offset, self._damage = state["offset"], state["damage"]
     self._rng.bit_generator.state = state["rng"]
     self._buffer = []
-    for shard, offset in state["buffer"]:
-      key, members = read_sample_at(self.shards[shard], offset)
+    for shard, offset, *error in state["buffer"]:
+      key, members = (("@damaged", error[0]) if offset == DAMAGED else
+                      read_sample_at(self.shards[shard], offset))
       self._buffer.append(
           (shard, offset, sample_record(self.shards[shard], key, members)))
 
