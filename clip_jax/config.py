@@ -297,7 +297,7 @@ def _registered_names():
   """(config key, its registry of valid names), for _check_names."""
   # Imported here: they import jax; parsing a config should not.
   from clip_jax import losses, optim  # pylint: disable=g-import-not-at-top
-  from clip_jax.data import sources, tokenizer  # pylint: disable=g-import-not-at-top
+  from clip_jax.data import sources, tokenizer, transforms  # pylint: disable=g-import-not-at-top
   from clip_jax.models import common, text, vit  # pylint: disable=g-import-not-at-top
   return (("loss", losses.LOSSES), ("schedule", optim.SCHEDULES),
           ("model.dtype", common.DTYPES),
@@ -307,7 +307,8 @@ def _registered_names():
           ("model.text.variant", text.VARIANTS),
           ("model.text.pool", text.POOLS),
           ("data.source", sources.SOURCES),
-          ("data.eos_policy", tokenizer.POLICIES))
+          ("data.eos_policy", tokenizer.POLICIES),
+          ("data.jpeg_decoder", transforms.JPEG_DECODERS))
 
 
 def _get(config, dotted: str, default=None):

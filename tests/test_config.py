@@ -163,6 +163,8 @@ _BAD_CONFIGS = [
     ("data.source", "wds", ["config.data.source='wds'", "config.data.path",
                             "None"]),
     ("data.shuffle_buffer", 0, ["config.data.shuffle_buffer=0", ">= 1"]),
+    ("data.jpeg_decoder", "turbo", ["config.data.jpeg_decoder='turbo'",
+                                    "'simplejpeg'"]),
     # Optimiser and durations.
     ("lr", -1.0, ["config.lr=-1.0", "must be > 0"]),
     ("total_steps", None, ["Duration 'total' is not set",

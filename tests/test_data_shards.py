@@ -416,3 +416,56 @@ def test_wds_resume_restores_position_bit_exact(tars):
   with pipeline.make_dataset(config, **{**kwargs, "seed": 3}) as other:
     with pytest.raises(ValueError, match="seed"):
       other.set_state(state)
+
+
+# ------------------------------------------------------- JPEG decoders ----
+
+
+def _smooth_jpeg(width=640, height=480, mode="RGB") -> bytes:
+  y, x = np.mgrid[0:height, 0:width] / 40.0
+  pixels = np.stack([128 + 100 * np.sin(x), 128 + 100 * np.cos(y),
+                     128 + 60 * np.sin(x + y)], -1).astype(np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(pixels).convert(mode).save(buf, format="JPEG", quality=95)
+  return buf.getvalue()
+
+
+@pytest.mark.parametrize("decoder", ["pillow_draft", "simplejpeg"])
+def test_reduced_jpeg_decode_gives_the_same_crops(decoder, monkeypatch):
+  from clip_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  data = _smooth_jpeg()
+  decoded = []
+  original = transforms.decode_jpeg_at_least
+  monkeypatch.setattr(transforms, "decode_jpeg_at_least",
+                      lambda *a: decoded.append(original(*a)) or decoded[-1])
+  for seed in range(6):
+    kwargs = dict(crop_scale=(0.3, 1.0)) if seed else {}  # 0: centre.
+    rng = None if seed == 0 else np.random.default_rng(seed)
+    rng_full = None if seed == 0 else np.random.default_rng(seed)
+    reference, scale = transforms.augment_geometry(data, 32, rng_full,
+                                                   **kwargs)
+    got, got_scale = transforms.augment_geometry(data, 32, rng,
+                                                 jpeg_decoder=decoder,
+                                                 **kwargs)
+    assert got.shape == reference.shape == (32, 32, 3)
+    assert got_scale == scale  # The same crop (and blur scale).
+    if rng is not None:  # The same draws were made.
+      assert rng.random() == rng_full.random()
+    diff = np.abs(got.astype(int) - reference.astype(int))
+    assert diff.mean() < 3 and np.percentile(diff, 99) < 16, diff.mean()
+  # Decoded smaller than 640 x 480, never below the crop's 32 px.
+  assert all(img.width < 640 for img in decoded) and len(decoded) == 6
+
+
+@pytest.mark.parametrize("decoder", ["pillow_draft", "simplejpeg"])
+def test_reduced_jpeg_decode_falls_back_and_rejects(decoder):
+  from clip_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  for mode in ("CMYK", "L"):  # simplejpeg refuses CMYK; draft keeps L.
+    data = _smooth_jpeg(mode=mode)
+    reference, _ = transforms.augment_geometry(data, 16)
+    got, _ = transforms.augment_geometry(data, 16, jpeg_decoder=decoder)
+    assert np.abs(got.astype(int) - reference.astype(int)).mean() < 3
+  data = _smooth_jpeg()
+  with pytest.raises(Exception):  # noqa: B017  Any error: a bad example.
+    transforms.augment_geometry(data[:len(data) // 2], 16,
+                                jpeg_decoder=decoder)
