@@ -439,7 +439,8 @@ def test_reduced_jpeg_decode_gives_the_same_crops(decoder, monkeypatch):
   monkeypatch.setattr(transforms, "decode_jpeg_at_least",
                       lambda *a: decoded.append(original(*a)) or decoded[-1])
   for seed in range(6):
-    kwargs = dict(crop_scale=(0.3, 1.0)) if seed else {}  # 0: centre.
+    # Small crops (5-30% of the area) are where too small a scale shows.
+    kwargs = dict(crop_scale=(0.05, 0.3)) if seed else {}  # 0: centre.
     rng = None if seed == 0 else np.random.default_rng(seed)
     rng_full = None if seed == 0 else np.random.default_rng(seed)
     reference, scale = transforms.augment_geometry(data, 32, rng_full,
@@ -452,8 +453,14 @@ def test_reduced_jpeg_decode_gives_the_same_crops(decoder, monkeypatch):
     if rng is not None:  # The same draws were made.
       assert rng.random() == rng_full.random()
     diff = np.abs(got.astype(int) - reference.astype(int))
-    assert diff.mean() < 3 and np.percentile(diff, 99) < 16, diff.mean()
-  # Decoded smaller than 640 x 480, never below the crop's 32 px.
+    # Measured: mean 0.3-0.4, 99th percentile 1 (resampling differences).
+    assert diff.mean() < 1 and np.percentile(diff, 99) <= 3, diff.mean()
+    if rng is not None:  # The crop keeps >= 32 decoded px a side.
+      box = transforms.random_resized_crop_box(
+          640, 480, np.random.default_rng(seed), scale=(0.05, 0.3))
+      side = min(box[2] - box[0], box[3] - box[1])
+      assert side * decoded[-1].width / 640 >= 32
+  # Decoded smaller than 640 x 480 (the centre crop too: 480 -> >= 32).
   assert all(img.width < 640 for img in decoded) and len(decoded) == 6
 
 
@@ -464,7 +471,7 @@ def test_reduced_jpeg_decode_falls_back_and_rejects(decoder):
     data = _smooth_jpeg(mode=mode)
     reference, _ = transforms.augment_geometry(data, 16)
     got, _ = transforms.augment_geometry(data, 16, jpeg_decoder=decoder)
-    assert np.abs(got.astype(int) - reference.astype(int)).mean() < 3
+    assert np.abs(got.astype(int) - reference.astype(int)).mean() < 1
   data = _smooth_jpeg()
   with pytest.raises(Exception):  # noqa: B017  Any error: a bad example.
     transforms.augment_geometry(data[:len(data) // 2], 16,
