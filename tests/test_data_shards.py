@@ -225,6 +225,32 @@ def test_shards_every_good_example_once_per_epoch(shard_dir, tars,
   assert [n for b in single for n in _numbers(b)] == order[:28]
 
 
+def test_shards_each_process_reads_only_its_rows(shard_dir, monkeypatch):
+  read = []
+  original = shards.ShardsSource.__getitem__
+  monkeypatch.setattr(shards.ShardsSource, "__getitem__",
+                      lambda self, i: read.append(i) or original(self, i))
+  config = _config(source="shards", path=shard_dir)
+  per_process = []
+  for p in range(2):
+    read.clear()
+    _read_all_one(config, p, 2)
+    per_process.append(list(read))
+  # The records of each process's rows: the seed's order, blocks of 2 of
+  # every global batch of 4 (14 x 2 rows of 28 read).
+  order = _grain_order(31, seed=0)[:28]
+  for p, indices in enumerate(per_process):
+    assert indices == [order[i] for i in range(28) if (i // 2) % 2 == p]
+
+
+def _read_all_one(config, p, count):
+  with pipeline.make_dataset(
+      config, split="train", batch_size_per_process=2, seed=0,
+      tokenizer=CaptionNumberTokenizer(), shard_index=p, shard_count=count,
+      num_epochs=1) as iterator:
+    return list(iterator)
+
+
 def _grain_order(n, seed):
   import grain  # pylint: disable=g-import-not-at-top
   ds = grain.MapDataset.range(n).seed(seed).shuffle()

@@ -218,6 +218,12 @@ def jpeg_suite(args, results: list) -> None:
     config = pipeline.default_data_config()
     config.update(image_size=224, context_length=77, tokenizer="unused",
                   random_resized_crop=(0.9, 1.0))
+    for name, rate in preprocess_rates(config, out, tok,
+                                       repeats=args.repeats).items():
+      results.append({"name": "jpeg_preprocess_per_core_224",
+                      "decoder": name, "examples_per_sec": rate})
+      print(f"per core (one thread): read record + decode + crop + resize "
+            f"224 + tokenize, {name:>12}: {rate:6.0f} examples/s", flush=True)
     for source, path in (("shards", out),
                          ("wds", os.path.join(folder, "*.tar"))):
       for decoder in ("pillow", "simplejpeg"):
@@ -226,17 +232,47 @@ def jpeg_suite(args, results: list) -> None:
                         jpeg_decoder=decoder)
           r = _pipeline_rate(config, tok, args)
           r.update(name=f"jpeg_{source}_pipeline_224", decoder=decoder,
+                   runs=[round(x, 1) for x in r["runs"]],
                    worker_count=workers,
                    per_core=r["examples_per_sec"] / max(1, workers))
           results.append(r)
           print(f"{source} pipeline 224 px, {decoder}, worker_count="
-                f"{workers}: {r['examples_per_sec']:,.0f} examples/s, "
-                f"{r['per_core']:,.0f} per core", flush=True)
+                f"{workers}: {r['examples_per_sec']:,.0f} examples/s "
+                f"(median of {args.pipeline_repeats}), {r['per_core']:,.0f} "
+                "per worker", flush=True)
   finally:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def preprocess_rates(config, shards_dir: str, tok, *, repeats: int,
+                     count: int = 128) -> dict:
+  """{jpeg_decoder: examples/s} of one core doing a record's whole work
+  (read from the shards, decode, random crop, resize, tokenize), the
+  decoders interleaved, median of `repeats`."""
+  source = shards.ShardsSource(shards_dir)
+  indices = range(min(count, len(source)))
+  fns = {}
+  for decoder in transforms.JPEG_DECODERS:
+    c = config.copy_and_resolve_references()
+    c.jpeg_decoder = decoder
+    prep = pipeline.Preprocess(pipeline._preprocess_options(c, source, "train"),  # pylint: disable=protected-access
+                               tok)
+    fns[decoder] = (lambda i, p=prep: p.random_map(
+        source[i], np.random.default_rng(i)))
+  medians = _interleaved_medians(fns, indices, repeats)
+  return {name: len(indices) / t for name, t in medians.items()}
+
+
 def _pipeline_rate(config, tok, args) -> dict:
+  """Median over --pipeline_repeats runs of the pipeline's examples/s."""
+  runs = [_pipeline_rate_once(config, tok, args)
+          for _ in range(args.pipeline_repeats)]
+  rates = [r["examples_per_sec"] for r in runs]
+  return {"examples_per_sec": statistics.median(rates), "runs": rates,
+          "startup_sec": statistics.median(r["startup_sec"] for r in runs)}
+
+
+def _pipeline_rate_once(config, tok, args) -> dict:
   batch = min(args.batch, 64)
   start = time.perf_counter()
   iterator = pipeline.make_dataset(config, split="train",
@@ -306,6 +342,7 @@ def main(argv=None):
                       help="only the JPEG-shard benchmarks")
   parser.add_argument("--jpeg_images", type=int, default=512)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--pipeline_repeats", type=int, default=3)
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   results = []
