@@ -167,6 +167,14 @@ def test_write_resumes_and_refuses_other_settings(tars, tmp_path):
     shards.write(pattern, out, num_shards=3, workers=1, verbose=False)
 
 
+def test_bucket_urls_are_refused_with_what_to_do():
+  for source in ("shards", "wds"):
+    config = _config(source=source, path="gs://bucket/data/*")
+    with pytest.raises(ValueError, match="local paths only.*mount"):
+      pipeline.make_dataset(config, split="train", batch_size_per_process=1,
+                            seed=0, tokenizer=CaptionNumberTokenizer())
+
+
 def test_max_side_reencodes_large_images(tmp_path):
   with tarfile.open(tmp_path / "00000.tar", "w") as tar:
     big = io.BytesIO()

@@ -360,6 +360,7 @@ def _say(message: str, end: str = "") -> None:
 def shard_paths(path: str) -> list[str]:
   """The .array_record files of a shards folder (its metadata.json's, in
   order) or of a glob pattern."""
+  wds.check_local([path])
   metadata = os.path.join(path, "metadata.json")
   if os.path.isdir(path):
     if not os.path.exists(metadata):

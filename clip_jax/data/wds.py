@@ -74,6 +74,7 @@ def expand_patterns(patterns) -> list[str]:
   none does."""
   if isinstance(patterns, str):
     patterns = [patterns]
+  check_local(patterns)
   files = sorted({f for p in patterns for e in expand_braces(p)
                   for f in (glob.glob(e) if glob.has_magic(e) else
                             [e] if os.path.isfile(e) else [])})
@@ -82,6 +83,17 @@ def expand_patterns(patterns) -> list[str]:
         f"No tar shards match {list(patterns)}; give existing files, a glob "
         "('shards/*.tar') or a brace range ('shards/{00000..00099}.tar').")
   return files
+
+
+def check_local(paths) -> None:
+  """Bucket URLs are refused with what to do instead."""
+  remote = [p for p in paths if re.match(r"^[a-z][a-z0-9+.-]*://", str(p))]
+  if remote:
+    raise ValueError(
+        f"{remote[0]!r} is a bucket URL; clip_jax reads tars and ArrayRecord "
+        "shards from local paths only (array_record 0.8.6 opens local files, "
+        "google/array_record#120). Copy the shards to a local disk or mount "
+        "the bucket (gcsfuse, mountpoint-s3) and give the local path.")
 
 
 def _member_key(name: str) -> tuple[str, str]:
