@@ -30,6 +30,11 @@ exact count in the checkpointed state, a per-batch `num_skipped` and an
 error naming examples (grain's filter guard checks windows of 1,000 and
 names none). Bad examples never raise: see Preprocess, and the sources.
 
+Source 'wds' (WebDataset tars, data/wds.py) is streamed rather than read
+at random: _WdsDataIterator batches a wds.WdsReader (per-process shards, a
+shuffle buffer) with the same preprocessing, skip accounting and
+checkpointed, bit-exact position; its order is not the one-process order.
+
 State. `get_state()` -> bytes (JSON: how many examples this process has
 consumed, and the skip counters); `set_state()` rebuilds the stream from
 that position, so a restored iterator yields exactly the batches the
@@ -77,7 +82,8 @@ Data config keys (`config.data`, defaults in `default_data_config()`):
   jpeg_decoder      how training decodes JPEG bytes: 'pillow' (full size),
                     'pillow_draft' or 'simplejpeg' (DCT-scaled to the
                     smallest size that keeps the crop >= image_size px: the
-                    same crops, ~1.5-1.9x faster; data/bench.py measures).
+                    same crops; 1.6x / 1.9x the per-core examples/s of
+                    'pillow' in `python -m clip_jax.data.bench --jpeg`).
   flip              random horizontal flips in training (off: captions
                     say left/right, text in images would read backwards).
   style_strength    colour jitter / greyscale / blur in training
