@@ -1,12 +1,12 @@
 """ArrayRecord shards and the WebDataset source, from a synthetic tar set.
 
 The tars are made here with tarfile: good JPEG and PNG samples whose pixel
-value and caption encode their number, plus bad samples (a corrupt image, a
-missing caption, a non-UTF-8 caption, a missing image) and one damaged tar.
-References: the set of good sample numbers (known by construction), and
-the order a NumPy permutation of the seed gives (the pipeline's order is
-grain's shuffle, checked against the single-process run and across process
-counts).
+value and caption encode their number, plus bad samples (corrupt, empty
+and non-image images, a missing and a blank caption, a non-UTF-8 caption,
+a missing image) and a damaged tar. References: the good sample numbers
+(known by construction); grain's shuffle of the record indices (the order
+of a plain range dataset of that length with the seed); the documented
+shuffle-buffer algorithm re-run in NumPy for the wds order.
 """
 
 import io
@@ -21,7 +21,7 @@ from PIL import Image
 from clip_jax.data import pipeline, shards, wds
 
 NUM_TARS = 4
-PER_TAR = 9  # Samples per tar, of which some are bad (BAD below).
+PER_TAR = 9  # Samples per tar; 8 of the 36 are bad (_bad_kind): 28 good.
 
 
 def _image_bytes(number: int, fmt: str) -> bytes:
@@ -42,7 +42,8 @@ def _noise_bytes(number: int, fmt: str) -> bytes:
 def _bad_kind(number: int) -> str | None:
   """Which samples are bad, and how (the rest are good)."""
   return {2: "corrupt image", 7: "missing caption", 12: "non-UTF-8 text",
-          20: "missing image", 29: "corrupt image"}.get(number)
+          15: "blank caption", 20: "missing image", 24: "empty image",
+          29: "corrupt image", 33: "not an image"}.get(number)
 
 
 def _add(tar, name: str, data: bytes) -> None:
@@ -65,11 +66,15 @@ def make_tars(folder, num_tars=NUM_TARS, per_tar=PER_TAR):
         if kind == "corrupt image":  # Its header reads; its pixels do not.
           image = _noise_bytes(number, fmt)
           image = image[:len(image) * 2 // 3]
+        image = {"empty image": b"", "not an image": b"GIF89a?" * 9}.get(
+            kind, image)
         if kind != "missing image":
           _add(tar, f"{key}.{'png' if fmt == 'PNG' else 'jpg'}", image)
         caption = f"photo {number}".encode()
         if kind == "non-UTF-8 text":
           caption = b"caf\xe9 " + caption
+        if kind == "blank caption":
+          caption = b"  \n \n"
         if kind != "missing caption":
           _add(tar, f"{key}.txt", caption)
         _add(tar, f"{key}.cls", str(number).encode())
@@ -124,8 +129,8 @@ def test_metadata_counts_good_and_bad(shard_dir, tars):
   with open(os.path.join(shard_dir, "metadata.json")) as f:
     meta = json.load(f)
   assert meta["count"] == len(good) == sum(s["count"] for s in meta["shards"])
-  assert meta["skipped_total"] == 5
-  assert meta["skipped"] == {"bad image": 2, "no caption": 1,
+  assert meta["skipped_total"] == 8
+  assert meta["skipped"] == {"bad image": 4, "no caption": 2,
                              "the caption is not UTF-8": 1,
                              "no image member": 1}
   assert meta["captions"]["per_example"] == 1.0
@@ -214,10 +219,9 @@ def test_shards_every_good_example_once_per_epoch(shard_dir, tars,
   runs = _read_all(config, processes, per_process)
   single = _read_all(config, 1, 4)[0][0]
   numbers = [n for batches, _ in runs for b in batches for n in _numbers(b)]
-  # 31 records (the bad were left out when writing): 7 full global
-  # batches of 4 = 28 examples, each good one at most once.
-  assert len(numbers) == len(set(numbers)) == 28
-  assert set(numbers) <= set(good)
+  # 28 records (the 8 bad were left out when writing): 7 full global
+  # batches of 4, every good example exactly once.
+  assert sorted(numbers) == good and len(good) == 28
   # The images are the examples' own (pixel value 4 * number; JPEG +-3).
   for batches, _ in runs:
     for b in batches:
@@ -228,9 +232,9 @@ def test_shards_every_good_example_once_per_epoch(shard_dir, tars,
   for step, batch in enumerate(single):
     joined = [n for batches, _ in runs for n in _numbers(batches[step])]
     assert joined == _numbers(batch)
-  # In the seed's order: grain's shuffle of the 31 record indices.
+  # In the seed's order: grain's shuffle of the 28 record indices.
   order = [good[i] for i in _grain_order(len(good), seed=0)]
-  assert [n for b in single for n in _numbers(b)] == order[:28]
+  assert [n for b in single for n in _numbers(b)] == order
 
 
 def test_shards_each_process_reads_only_its_rows(shard_dir, monkeypatch):
@@ -245,8 +249,8 @@ def test_shards_each_process_reads_only_its_rows(shard_dir, monkeypatch):
     _read_all_one(config, p, 2)
     per_process.append(list(read))
   # The records of each process's rows: the seed's order, blocks of 2 of
-  # every global batch of 4 (14 x 2 rows of 28 read).
-  order = _grain_order(31, seed=0)[:28]
+  # every global batch of 4 (14 x 2 rows of the 28 records).
+  order = _grain_order(28, seed=0)
   for p, indices in enumerate(per_process):
     assert indices == [order[i] for i in range(28) if (i // 2) % 2 == p]
 
@@ -358,7 +362,7 @@ def test_wds_every_good_member_once_per_epoch(tars, processes):
   numbers, skipped = _wds_numbers(config, processes)
   flat = [n for part in numbers for n in part]
   assert sorted(flat) == good
-  assert skipped == 5
+  assert skipped == 8
   # Process p reads exactly its shards' good samples.
   for p, part in enumerate(numbers):
     mine = wds.process_shards(NUM_TARS, seed=0, epoch=0, process_index=p,
@@ -404,8 +408,8 @@ def test_wds_damaged_tar_is_counted(tars, tmp_path):
   (numbers,), skipped = _wds_numbers(config, 1)
   kept = [n for n in good if n // PER_TAR in (0, 2)] + [9, 10]
   assert sorted(numbers) == sorted(kept)
-  # Bad samples 2, 7, 20, sample 11 (its image only), and the damage.
-  assert skipped == 3 + 2
+  # Bad samples 2, 7, 20, 24, sample 11 (its image only), the damage.
+  assert skipped == 4 + 2
   # A restore from any batch gives the rest, skips counted the same.
   kwargs = dict(split="train", batch_size_per_process=1, seed=0,
                 tokenizer=CaptionNumberTokenizer(), num_epochs=1)
