@@ -297,7 +297,7 @@ def _registered_names():
   """(config key, its registry of valid names), for _check_names."""
   # Imported here: they import jax; parsing a config should not.
   from clip_jax import losses, optim  # pylint: disable=g-import-not-at-top
-  from clip_jax.data import sources, tokenizer  # pylint: disable=g-import-not-at-top
+  from clip_jax.data import sources, tokenizer, transforms  # pylint: disable=g-import-not-at-top
   from clip_jax.models import common, text, vit  # pylint: disable=g-import-not-at-top
   return (("loss", losses.LOSSES), ("schedule", optim.SCHEDULES),
           ("wd_convention", optim.WD_CONVENTIONS),
@@ -308,7 +308,8 @@ def _registered_names():
           ("model.text.variant", text.VARIANTS),
           ("model.text.pool", text.POOLS),
           ("data.source", sources.SOURCES),
-          ("data.eos_policy", tokenizer.POLICIES))
+          ("data.eos_policy", tokenizer.POLICIES),
+          ("data.jpeg_decoder", transforms.JPEG_DECODERS))
 
 
 def _get(config, dotted: str, default=None):
@@ -380,7 +381,8 @@ def _check_data_matches_model(config, **_) -> None:
 
 def _check_data(config, **_) -> None:
   data = config.data
-  needs = {"folder": "path", "tfds": "tfds_name"}.get(data.source)
+  needs = {"folder": "path", "tfds": "tfds_name", "shards": "path",
+           "wds": "path"}.get(data.source)
   if needs and not data.get(needs):
     raise ValueError(f"config.data.source={data.source!r} needs "
                      f"config.data.{needs}, which is {data.get(needs)!r}.")
@@ -390,6 +392,9 @@ def _check_data(config, **_) -> None:
   for key in ("worker_count", "read_threads", "prefetch"):
     if (data.get(key) or 0) < 0:
       raise ValueError(f"config.data.{key}={data[key]} must be >= 0.")
+  if data.shuffle_buffer < 1:
+    raise ValueError(f"config.data.shuffle_buffer={data.shuffle_buffer} "
+                     "must be >= 1 (1 = no shuffling of the 'wds' source).")
   fraction = data.max_skip_fraction
   if not 0 <= fraction <= 1:
     raise ValueError(f"config.data.max_skip_fraction={fraction} must be in "

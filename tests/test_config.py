@@ -158,6 +158,13 @@ _BAD_CONFIGS = [
     ("data.std", (0.2, 0.0, 0.3), ["config.data.std=(0.2, 0.0, 0.3)",
                                    "all > 0"]),
     ("data.worker_count", -1, ["config.data.worker_count=-1", ">= 0"]),
+    ("data.source", "shards", ["config.data.source='shards'",
+                               "config.data.path", "None"]),
+    ("data.source", "wds", ["config.data.source='wds'", "config.data.path",
+                            "None"]),
+    ("data.shuffle_buffer", 0, ["config.data.shuffle_buffer=0", ">= 1"]),
+    ("data.jpeg_decoder", "turbo", ["config.data.jpeg_decoder='turbo'",
+                                    "'simplejpeg'"]),
     # Optimiser and durations.
     ("lr", -1.0, ["config.lr=-1.0", "must be > 0"]),
     ("total_steps", None, ["Duration 'total' is not set",

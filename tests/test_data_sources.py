@@ -342,7 +342,8 @@ def test_synthetic_is_a_function_of_seed_and_index():
 def test_unknown_source_lists_the_names():
   config = pipeline.default_data_config()
   config.source = "imagenet"
-  with pytest.raises(ValueError, match="'emoji', 'folder', 'synthetic'"):
+  with pytest.raises(ValueError,
+                     match="'emoji', 'folder', 'shards', 'synthetic'"):
     sources.get_source(config, "train")
 
 

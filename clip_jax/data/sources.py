@@ -20,6 +20,11 @@ Sources (`SOURCES`, looked up by config.data.source):
              image,caption) or a JSONL ({"image": path, "caption"|"captions"});
              relative image paths are relative to the CSV / JSONL file.
   synthetic  random images and token ids, a function of (seed, index).
+  shards     ArrayRecord shards (config.data.path: the folder written by
+             `python -m clip_jax.data.shards write`; data/shards.py).
+  wds        WebDataset tar shards streamed for training (config.data.path:
+             'shards/{00000..00099}.tar' or a glob; data/wds.py), read by
+             pipeline.make_dataset, not through get_source.
 WebDataset / img2dataset tar shards ({key}.jpg + {key}.txt) are converted to
 the folder format (images + data.jsonl) by
 
@@ -660,8 +665,11 @@ def _jsonl_record(line: bytes, where: str, resolve) -> dict:
       isinstance(c, str) for c in captions):
     raise ValueError(f"captions {captions!r}: expected a string or a list "
                      "of strings")
-  return {"image": resolve(image), "captions": captions,
-          "id": f"{where}:{image}"}
+  record = {"image": resolve(image), "captions": captions,
+            "id": f"{where}:{image}"}
+  if isinstance(r.get("label"), int) and not isinstance(r["label"], bool):
+    record["label"] = r["label"]  # Optional class index.
+  return record
 
 
 def _read_file_list(path: str) -> list[dict]:
@@ -818,8 +826,31 @@ def synthetic_source(data_config, split: str) -> SyntheticSource:
                          seed=data_config.get("synthetic_seed") or 0)
 
 
+def shards_source(data_config, split: str):
+  """ArrayRecord shards written by `python -m clip_jax.data.shards write`."""
+  del split  # A shards folder is one split.
+  from clip_jax.data import shards  # pylint: disable=g-import-not-at-top
+  if not data_config.get("path"):
+    raise ValueError("config.data.source='shards' needs config.data.path "
+                     "(the --output folder of `python -m "
+                     "clip_jax.data.shards write`).")
+  return shards.ShardsSource(data_config.path)
+
+
+def wds_source(data_config, split: str):
+  """'wds' streams tar shards (pipeline.make_dataset reads it, for
+  training); it has no random access for other uses."""
+  del split
+  raise ValueError(
+      f"config.data.source='wds' (path {data_config.get('path')!r}) streams "
+      "tar shards and can only be trained on; to evaluate or index the "
+      "data, write ArrayRecord shards (python -m clip_jax.data.shards "
+      "write) and use source='shards'.")
+
+
 SOURCES = {"emoji": emoji_source, "tfds": tfds_source,
-           "folder": folder_source, "synthetic": synthetic_source}
+           "folder": folder_source, "synthetic": synthetic_source,
+           "shards": shards_source, "wds": wds_source}
 
 
 def get_source(data_config, split: str):

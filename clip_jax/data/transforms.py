@@ -275,26 +275,100 @@ def draw_outline(img: Image.Image, rng: np.random.Generator,
   return Image.fromarray(np.where(ring[..., None], np.uint8(shade), pixels))
 
 
+JPEG_DECODERS = ("pillow", "pillow_draft", "simplejpeg")
+
+
+def _is_jpeg(image) -> bool:
+  return (isinstance(image, (bytes, bytearray, memoryview)) and
+          bytes(image[:3]) == b"\xff\xd8\xff")
+
+
+def jpeg_size(data: bytes, decoder: str) -> tuple[int, int]:
+  """(width, height) from a JPEG's header."""
+  if decoder == "simplejpeg":
+    import simplejpeg  # pylint: disable=g-import-not-at-top
+    height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    return width, height
+  return Image.open(io.BytesIO(data)).size
+
+
+def decode_jpeg_at_least(data: bytes, min_size, decoder: str):
+  """RGB PIL image of a JPEG decoded at a reduced scale (DCT scaling, no
+  full-size decode) whose sides are still >= min_size (w, h).
+
+  'pillow_draft': PIL's draft mode (scales 1/1, 1/2, 1/4, 1/8);
+  'simplejpeg': libjpeg-turbo's n/8 scales. A JPEG simplejpeg refuses
+  (CMYK, or an error it calls recoverable) goes to Pillow: decode()."""
+  if decoder == "simplejpeg":
+    import simplejpeg  # pylint: disable=g-import-not-at-top
+    try:
+      pixels = simplejpeg.decode_jpeg(data, colorspace="RGB",
+                                      min_width=min_size[0],
+                                      min_height=min_size[1])
+      return Image.fromarray(pixels)
+    except ValueError:
+      pass
+  img = Image.open(io.BytesIO(data))
+  img.draft("RGB", tuple(min_size))
+  img.load()
+  return img if img.mode == "RGB" else decode(data)
+
+
+def _reduced_jpeg_and_box(image, size, rng, crop_scale, decoder):
+  """(RGB image, crop box in its pixels, crop width in source pixels):
+  the box drawn from the JPEG's full size (the same draws as decode()
+  then a box), the JPEG decoded at the smallest scale that keeps the box
+  at least `size` px a side (the full scale for a zoom-out box or an
+  image past MAX_DECODE_PIXELS)."""
+  w, h = jpeg_size(image, decoder)
+  if rng is not None and crop_scale is not None:
+    box = random_resized_crop_box(w, h, rng, scale=tuple(crop_scale))
+  else:
+    box = center_square_box(w, h)
+  inside = box[0] >= 0 and box[1] >= 0 and box[2] <= w and box[3] <= h
+  if not inside or w * h > MAX_DECODE_PIXELS or 0 in (w, h):
+    return decode(image), box, box[2] - box[0]
+  box_w, box_h = box[2] - box[0], box[3] - box[1]
+  need = (min(w, -(-w * size // box_w)), min(h, -(-h * size // box_h)))
+  img = decode_jpeg_at_least(image, need, decoder)
+  sx, sy = img.width / w, img.height / h
+  # Clamped: rounding must not put the box a hair outside the image.
+  scaled = (max(0.0, box[0] * sx), max(0.0, box[1] * sy),
+            min(float(img.width), box[2] * sx),
+            min(float(img.height), box[3] * sy))
+  return img, scaled, box_w
+
+
 def augment_geometry(image, size: int, rng: np.random.Generator | None = None,
                      *, crop_scale=None, flip: bool = False,
-                     outline_prob: float = 0.0):
+                     outline_prob: float = 0.0, jpeg_decoder: str = "pillow"):
   """Decode -> (outline) -> crop (random, or centre square) -> resize ->
   (flip). Returns (uint8 [size, size, 3], output / source scale of the
-  crop). `rng=None` (evaluation) means no random crop, outline or flip."""
-  img = decode(image)
-  if rng is not None and crop_scale is not None:
-    box = random_resized_crop_box(*img.size, rng, scale=tuple(crop_scale))
+  crop). `rng=None` (evaluation) means no random crop, outline or flip.
+
+  jpeg_decoder (JPEG bytes only): 'pillow' decodes at full size;
+  'pillow_draft' / 'simplejpeg' draw the crop from the header's size and
+  decode at the smallest DCT scale that keeps the crop >= size px a side
+  (the same crops; pixels differ by resampling only)."""
+  if jpeg_decoder != "pillow" and _is_jpeg(image):
+    img, box, source_width = _reduced_jpeg_and_box(image, size, rng,
+                                                   crop_scale, jpeg_decoder)
   else:
-    box = center_square_box(*img.size)
+    img = decode(image)
+    if rng is not None and crop_scale is not None:
+      box = random_resized_crop_box(*img.size, rng, scale=tuple(crop_scale))
+    else:
+      box = center_square_box(*img.size)
+    source_width = box[2] - box[0]
   if rng is not None and outline_prob > 0 and rng.random() < outline_prob:
     img = draw_outline(img, rng)
   img, box = pad_to_box(img, box)
-  if box != (0, 0, *img.size) or img.size != (size, size):
+  if tuple(box) != (0, 0, *img.size) or img.size != (size, size):
     img = img.resize((size, size), Image.BICUBIC, box=box)
   pixels = np.asarray(img)
   if rng is not None and flip and rng.random() < 0.5:
     pixels = pixels[:, ::-1]
-  return np.ascontiguousarray(pixels), size / (box[2] - box[0])
+  return np.ascontiguousarray(pixels), size / source_width
 
 
 def preprocess_image(image, size: int, rng: np.random.Generator | None = None,
