@@ -353,6 +353,10 @@ def _tokenizer_vocab(data):
   if data.tokenizer == "emoji":
     return ("config.data.vocab_size (the tokenizer trained on the emoji "
             "captions)", data.vocab_size)
+  if data.tokenizer == "clip_bpe":
+    from clip_jax.data import clip_bpe  # pylint: disable=g-import-not-at-top
+    return ("config.data.tokenizer='clip_bpe' (49408 tokens)",
+            clip_bpe.VOCAB_SIZE)
   if data.tokenizer and os.path.exists(data.tokenizer):
     from clip_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
     size = tokenizer.load(data.tokenizer).vocab_size
@@ -375,6 +379,25 @@ def _check_data_matches_model(config, **_) -> None:
         f"{vocab[0]}: ids up to {vocab[1] - 1}, but "
         f"config.model.text.vocab_size={model.text.vocab_size} rows; set "
         f"config.model.text.vocab_size >= {vocab[1]} (usually equal).")
+  if data.source != "synthetic" and data.tokenizer == "clip_bpe":
+    _check_clip_bpe_model(model.text)
+
+
+def _check_clip_bpe_model(text) -> None:
+  """The text tower must read clip_bpe's ids: EOS pooling at its EOT, and
+  no real token (its padding 0 is the token '!') masked as padding."""
+  from clip_jax.data import clip_bpe  # pylint: disable=g-import-not-at-top
+  if text.pool == "eos" and text.eos_id != clip_bpe.EOT_ID:
+    raise ValueError(
+        f"config.model.text.eos_id={text.eos_id} but "
+        f"config.data.tokenizer='clip_bpe' ends text with {clip_bpe.EOT_ID} "
+        f"(<|endoftext|>); set config.model.text.eos_id={clip_bpe.EOT_ID}.")
+  if 0 <= text.pad_id < clip_bpe.VOCAB_SIZE:
+    raise ValueError(
+        f"config.model.text.pad_id={text.pad_id} is a real clip_bpe token "
+        "(its padding 0 is also '!'), so the text tower would mask it out "
+        "of attention; set config.model.text.pad_id=-1 (OpenAI's CLIP masks "
+        "no key; the causal mask hides the padding from the EOT).")
 
 
 def _check_data(config, **_) -> None:

@@ -179,3 +179,49 @@ def test_plain_text_merges_file(tok, tmp_path):
   plain = clip_bpe.ClipBpeTokenizer(str(tmp_path / "merges.txt"))
   np.testing.assert_array_equal(plain.encode(CORPUS[:100], 77),
                                 tok.encode(CORPUS[:100], 77))
+
+
+def _clip_bpe_config():
+  from clip_jax import config as config_lib
+  config = config_lib.load_config_file("configs/clip.py", "tiny")
+  config.data.update(source="emoji", tokenizer="clip_bpe", context_length=8)
+  config.model.text.update(vocab_size=49408, eos_id=49407, pad_id=-1)
+  return config
+
+
+def test_pipeline_and_config_build_it(tok):
+  from clip_jax import config as config_lib
+  from clip_jax.data import pipeline
+  from clip_jax.evals import run as eval_run
+  config = _clip_bpe_config()
+  config_lib.validate(config, device_count=8)
+  built = pipeline.get_tokenizer(config.data)
+  assert isinstance(built, clip_bpe.ClipBpeTokenizer)
+  texts = ["a photo of a cat", "two dogs!"]
+  np.testing.assert_array_equal(eval_run.tokenize_fn(config.data)(texts),
+                                tok.encode(texts, 8))
+  config.data.bpe_path = tok.merges_path
+  assert pipeline.get_tokenizer(config.data).merges_path == tok.merges_path
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model.text.eos_id", 1, "set config.model.text.eos_id=49407"),
+    ("model.text.pad_id", 0, "set config.model.text.pad_id=-1"),
+    ("model.text.vocab_size", 1000, "vocab_size >= 49408"),
+])
+def test_config_rejects_a_text_tower_that_misreads_its_ids(key, value,
+                                                           message):
+  from clip_jax import config as config_lib
+  config = _clip_bpe_config()
+  section, name = key.rsplit(".", 1)
+  config_lib._get(config, section)[name] = value  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(config, device_count=8)
+
+
+def test_clip_bpe_needs_lowercase():
+  from clip_jax.data import pipeline
+  config = _clip_bpe_config()
+  config.data.lowercase = False
+  with pytest.raises(ValueError, match="always lower-cases"):
+    pipeline.get_tokenizer(config.data)
