@@ -439,6 +439,33 @@ def _check_optimizer(config, **_) -> None:
           "(regex, 'replicate' | 'fsdp').")
 
 
+def _check_regex(key: str, pattern) -> None:
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"config.{key}={pattern!r} is not a regex ({e}); give "
+                     "a Python regex over '/'-joined parameter paths, e.g. "
+                     "'img/.*'.") from None
+
+
+def _check_freeze_and_init(config, **_) -> None:
+  if config.get("freeze"):
+    _check_regex("freeze", config.freeze)
+  init = config.get("init") or {}
+  if init.get("workdir") is None:
+    return
+  _check_regex("init.include", init.get("include") or "")
+  checkpoints = os.path.join(os.path.expanduser(init.workdir), "checkpoints")
+  if not os.path.isdir(checkpoints):
+    raise ValueError(
+        f"config.init.workdir={init.workdir!r} has no checkpoints/ folder; "
+        "give a clip_jax workdir (a trained run, or the output of "
+        "`python -m clip_jax.convert`), or None to train from scratch.")
+  if init.get("step") is not None and init.step < 0:
+    raise ValueError(f"config.init.step={init.step} must be >= 0, or None "
+                     "(the latest checkpoint).")
+
+
 def _check_accumulation(config, *, device_count: int, **_) -> None:
   accum, mode = config.get("accum_steps", 1), config.get("accum_mode", "exact")
   if mode not in ("exact", "naive"):
@@ -497,6 +524,7 @@ CHECKS = (
      _check_data_matches_model),
     ("data keys", _check_data),
     ("optimiser, durations, sharding rules", _check_optimizer),
+    ("freeze and init regexes, init workdir", _check_freeze_and_init),
     ("evals", _check_evals),
 )
 
@@ -519,6 +547,8 @@ RESUMABLE_KEYS = (
     "keep_checkpoints", "max_consecutive_nonfinite",
     "data.worker_count", "data.read_threads", "data.prefetch",
     "data.cache_dir", "data.max_skip_fraction",
+    # Read at step 0 only: a resumed run keeps its own checkpoint.
+    "init",
 )
 MISSING = "<unset>"  # A key one of two configs does not have (in diffs).
 SEGMENTS_DIR = "configs"
@@ -642,6 +672,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_clip_norm = config_dict.placeholder(float)
   c.schedule = "cosine"
   c.min_lr_ratio = 0.0
+  # Regex over '/'-joined param paths (re.fullmatch, e.g. 'img/.*'): those
+  # params are never updated and get no optimiser state (LiT); None = none.
+  c.freeze = config_dict.placeholder(str)
+
+  # Start from another clip_jax workdir's checkpoint (e.g. one written by
+  # clip_jax.convert), at step 0 only: the params whose path fully matches
+  # init.include are copied from init.workdir's checkpoint init.step
+  # (None = its latest); the others are freshly initialised. See
+  # clip_jax/pretrained.py. workdir None = train from scratch.
+  c.init = ml_collections.ConfigDict(dict(
+      workdir=config_dict.placeholder(str),
+      step=config_dict.placeholder(int),
+      include="img/.*"))
 
   # Mesh axis sizes; -1 = all remaining devices. The batch is split over
   # both axes; parameters follow sharding_rules (see clip_jax/sharding.py).
