@@ -7,36 +7,11 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from train_testing import tiny_config
+from train_testing import state_of_seed, tiny_config, write_source
 
-from clip_jax import checkpoint as checkpoint_lib
 from clip_jax import config as config_lib
-from clip_jax import optim, pretrained, train_state
+from clip_jax import optim, pretrained
 from clip_jax import sharding as sharding_lib
-from clip_jax.models import two_towers
-
-
-def _state(config, seed, mesh):
-  config = config.copy_and_resolve_references()
-  config.seed = seed
-  model = two_towers.build_model(config.model)
-  tx, _ = optim.make_optimizer(config, train_state.param_shapes(model, config),
-                               total_steps=10, warmup_steps=0)
-  return train_state.create_state(model, tx, config, mesh)
-
-
-def write_source(workdir, config, seeds_by_step, mesh):
-  """A clip_jax workdir with one checkpoint per {step: seed}; returns
-  {step: params on the host}."""
-  config_lib.save(config, str(workdir))
-  ckpt = checkpoint_lib.Checkpointer(str(workdir), every_steps=1, keep=5)
-  saved = {}
-  for step, seed in seeds_by_step.items():
-    state, _ = _state(config, seed, mesh)
-    saved[step] = jax.device_get(state["params"])
-    ckpt.save(step, state)
-  ckpt.close()
-  return saved
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +29,7 @@ def _flat(tree):
 
 def _init(config, step=None, include="img/.*"):
   mesh = sharding_lib.make_mesh(config.mesh)
-  state, shardings = _state(config, config.seed, mesh)
+  state, shardings = state_of_seed(config, config.seed, mesh)
   fresh = jax.device_get(state["params"])
   init = ml_collections.ConfigDict(dict(workdir=None, step=step,
                                         include=include))
