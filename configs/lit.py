@@ -76,7 +76,7 @@ def get_config(arg=None):
     c.data.vocab_size = 49408
 
   locked = "img/.*" if arg.img_head else "img/.*|img_proj/.*"
-  c.freeze = locked
+  c.freeze = c.init.include = locked
   if arg.init:
     source = config_lib.load(arg.init)
     c.model.image = source.model.image
@@ -90,7 +90,8 @@ def get_config(arg=None):
       c.model.text = source.model.text
       for key in ("tokenizer", "bpe_path", "context_length", "vocab_size",
                   "eos_policy", "lowercase"):
-        c.data[key] = source.data[key]
+        if source.data.get(key) is not None:
+          c.data[key] = source.data[key]
       include += "|txt/.*|txt_proj/.*|logit_scale|logit_bias"
     c.init.update(workdir=arg.init, include=include)
   elif arg.text == "pretrained":
