@@ -355,6 +355,10 @@ def _tokenizer_vocab(data):
   if data.tokenizer == "emoji":
     return ("config.data.vocab_size (the tokenizer trained on the emoji "
             "captions)", data.vocab_size)
+  if data.tokenizer == "clip_bpe":
+    from clip_jax.data import clip_bpe  # pylint: disable=g-import-not-at-top
+    return ("config.data.tokenizer='clip_bpe' (49408 tokens)",
+            clip_bpe.VOCAB_SIZE)
   if data.tokenizer and os.path.exists(data.tokenizer):
     from clip_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
     size = tokenizer.load(data.tokenizer).vocab_size
@@ -377,6 +381,25 @@ def _check_data_matches_model(config, **_) -> None:
         f"{vocab[0]}: ids up to {vocab[1] - 1}, but "
         f"config.model.text.vocab_size={model.text.vocab_size} rows; set "
         f"config.model.text.vocab_size >= {vocab[1]} (usually equal).")
+  if data.source != "synthetic" and data.tokenizer == "clip_bpe":
+    _check_clip_bpe_model(model.text)
+
+
+def _check_clip_bpe_model(text) -> None:
+  """The text tower must read clip_bpe's ids: EOS pooling at its EOT, and
+  no real token (its padding 0 is the token '!') masked as padding."""
+  from clip_jax.data import clip_bpe  # pylint: disable=g-import-not-at-top
+  if text.pool == "eos" and text.eos_id != clip_bpe.EOT_ID:
+    raise ValueError(
+        f"config.model.text.eos_id={text.eos_id} but "
+        f"config.data.tokenizer='clip_bpe' ends text with {clip_bpe.EOT_ID} "
+        f"(<|endoftext|>); set config.model.text.eos_id={clip_bpe.EOT_ID}.")
+  if 0 <= text.pad_id < clip_bpe.VOCAB_SIZE:
+    raise ValueError(
+        f"config.model.text.pad_id={text.pad_id} is a real clip_bpe token "
+        "(its padding 0 is also '!'), so the text tower would mask it out "
+        "of attention; set config.model.text.pad_id=-1 (OpenAI's CLIP masks "
+        "no key; the causal mask hides the padding from the EOT).")
 
 
 def _check_data(config, **_) -> None:
@@ -420,6 +443,33 @@ def _check_optimizer(config, **_) -> None:
       raise ValueError(
           f"config.sharding_rules entry {rule!r}: expected "
           "(regex, 'replicate' | 'fsdp').")
+
+
+def _check_regex(key: str, pattern) -> None:
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"config.{key}={pattern!r} is not a regex ({e}); give "
+                     "a Python regex over '/'-joined parameter paths, e.g. "
+                     "'img/.*'.") from None
+
+
+def _check_freeze_and_init(config, **_) -> None:
+  if config.get("freeze"):
+    _check_regex("freeze", config.freeze)
+  init = config.get("init") or {}
+  if init.get("workdir") is None:
+    return
+  _check_regex("init.include", init.get("include") or "")
+  checkpoints = os.path.join(os.path.expanduser(init.workdir), "checkpoints")
+  if not os.path.isdir(checkpoints):
+    raise ValueError(
+        f"config.init.workdir={init.workdir!r} has no checkpoints/ folder; "
+        "give a clip_jax workdir (a trained run, or the output of "
+        "`python -m clip_jax.convert`), or None to train from scratch.")
+  if init.get("step") is not None and init.step < 0:
+    raise ValueError(f"config.init.step={init.step} must be >= 0, or None "
+                     "(the latest checkpoint).")
 
 
 def _check_accumulation(config, *, device_count: int, **_) -> None:
@@ -480,6 +530,7 @@ CHECKS = (
      _check_data_matches_model),
     ("data keys", _check_data),
     ("optimiser, durations, sharding rules", _check_optimizer),
+    ("freeze and init regexes, init workdir", _check_freeze_and_init),
     ("evals", _check_evals),
 )
 
@@ -502,6 +553,8 @@ RESUMABLE_KEYS = (
     "keep_checkpoints", "max_consecutive_nonfinite",
     "data.worker_count", "data.read_threads", "data.prefetch",
     "data.cache_dir", "data.max_skip_fraction",
+    # Read at step 0 only: a resumed run keeps its own checkpoint.
+    "init",
 )
 MISSING = "<unset>"  # A key one of two configs does not have (in diffs).
 SEGMENTS_DIR = "configs"
@@ -634,6 +687,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_clip_norm = config_dict.placeholder(float)
   c.schedule = "cosine"
   c.min_lr_ratio = 0.0
+  # Regex over '/'-joined param paths (re.fullmatch, e.g. 'img/.*'): those
+  # params are never updated and get no optimiser state (LiT); None = none.
+  c.freeze = config_dict.placeholder(str)
+
+  # Start from another clip_jax workdir's checkpoint (e.g. one written by
+  # clip_jax.convert), at step 0 only: the params whose path fully matches
+  # init.include are copied from init.workdir's checkpoint init.step
+  # (None = its latest); the others are freshly initialised. See
+  # clip_jax/pretrained.py. workdir None = train from scratch.
+  c.init = ml_collections.ConfigDict(dict(
+      workdir=config_dict.placeholder(str),
+      step=config_dict.placeholder(int),
+      include="img/.*"))
 
   # Mesh axis sizes; -1 = all remaining devices. The batch is split over
   # both axes; parameters follow sharding_rules (see clip_jax/sharding.py).

@@ -16,6 +16,21 @@ Config keys (top level of the experiment config):
   schedule:       'cosine' | 'linear' | 'constant' after the linear warmup.
   min_lr_ratio:   final lr as a fraction of `lr` for 'cosine'/'linear'.
   warmup_*:       warmup duration (steps/examples/epochs, see config.steps).
+  freeze:         regex; parameters whose '/'-joined path it fully matches
+                  (re.fullmatch, e.g. 'img/.*' = the image tower) are never
+                  updated and get no optimiser state; None = train all.
+
+Frozen parameters (LiT's locked tower) go through optax.multi_transform:
+the AdamW chain sees only the trained ones (frozen leaves are
+optax.MaskedNode in its state, so no moments are kept for them) and
+optax.set_to_zero gives the frozen ones a zero update. The global-norm
+clipping is inside that chain, so it counts the trained parameters only
+(the frozen ones' gradients are discarded anyway; counting them would shrink
+the trained updates by an amount that depends on a tower that does not
+learn). The train step also stops gradients at the frozen parameters
+(train_state.make_loss_and_grads), so their backward pass is not computed,
+the non-finite check sees only trained gradients, and `grad_norm` is the
+trained parameters' norm.
 
 The chain is wrapped in optax.apply_if_finite: a step whose gradients are not
 all finite is skipped (no update; the inner state, including Adam's moments,
@@ -63,6 +78,30 @@ def decay_mask(params, exclude_regex: str | None):
     return not (pattern and pattern.search(path_str(path)))
 
   return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def frozen_mask(params, freeze) -> object:
+  """True where a parameter is frozen: its '/'-joined path fully matches
+  `freeze` (a regex, or a list of regexes; None = nothing frozen).
+
+  A pattern that matches no parameter is an error (a typo would otherwise
+  silently train everything).
+  """
+  patterns = [] if not freeze else [freeze] if isinstance(freeze, str) else (
+      list(freeze))
+  compiled = [re.compile(p) for p in patterns]
+  paths = [path_str(path) for path, _ in
+           jax.tree_util.tree_flatten_with_path(params)[0]]
+  for pattern in compiled:
+    if not any(pattern.fullmatch(path) for path in paths):
+      raise ValueError(
+          f"config.freeze pattern {pattern.pattern!r} matches no parameter "
+          f"(it must match a whole '/'-joined path); parameters look like "
+          f"{', '.join(paths[:4])}, ... e.g. 'img/.*' freezes the image "
+          "tower.")
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: any(p.fullmatch(path_str(path)) for p in compiled),
+      params)
 
 
 def make_schedule(config, *, total_steps: int, warmup_steps: int):
@@ -116,5 +155,14 @@ def make_optimizer(config, params, *, total_steps: int, warmup_steps: int):
   chain.append(optax.adamw(
       schedule, b1=config.adam.b1, b2=config.adam.b2, eps=config.adam.eps,
       weight_decay=weight_decay_per_lr(config),
-      mask=decay_mask(params, config.wd_exclude)))
-  return optax.apply_if_finite(optax.chain(*chain), NEVER_GIVE_UP), schedule
+      # A function of the (possibly masked) tree it is given, so it also
+      # fits the trained-only tree of multi_transform below.
+      mask=lambda p: decay_mask(p, config.wd_exclude)))
+  tx = optax.chain(*chain)
+  frozen = frozen_mask(params, config.get("freeze"))
+  if any(jax.tree_util.tree_leaves(frozen)):
+    labels = jax.tree_util.tree_map(
+        lambda f: "frozen" if f else "trained", frozen)
+    tx = optax.multi_transform(
+        {"trained": tx, "frozen": optax.set_to_zero()}, labels)
+  return optax.apply_if_finite(tx, NEVER_GIVE_UP), schedule

@@ -45,7 +45,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from clip_jax import checkpoint as checkpoint_lib
-from clip_jax import cli, losses, optim, train_state
+from clip_jax import cli, losses, optim, pretrained, train_state
 from clip_jax import config as config_lib
 from clip_jax import metrics as metrics_lib
 from clip_jax import plot as plot_lib
@@ -310,6 +310,13 @@ def _loop(config, workdir, ckpt, writer, data_iter, dataset_size, *, model,
         checkpointed_iter)
   else:
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
+    if config.get("init") and config.init.get("workdir") is not None:
+      # A new run only: config.init's params replace their fresh init.
+      state = {**state, "params": pretrained.init_params(
+          state["params"], config.init, shardings["params"])}
+      source = pretrained.source_step(config.init.workdir, config.init.step)
+      writer.log(f"Initialised the params matching {config.init.include!r} "
+                 f"from {config.init.workdir} (checkpoint {source}).")
   n_params = sum(int(np.prod(x.shape))
                  for x in jax.tree_util.tree_leaves(param_shapes))
   writer.log(f"{n_params:,} parameters; mesh {dict(mesh.shape)} over "
@@ -319,7 +326,9 @@ def _loop(config, workdir, ckpt, writer, data_iter, dataset_size, *, model,
   step_fn = train_state.make_train_step(
       model, tx, loss_fn, schedule, mesh, shardings,
       max_log_logit_scale=two_towers.max_log_logit_scale(config.model),
-      accum_steps=config.accum_steps, accum_mode=config.accum_mode)
+      accum_steps=config.accum_steps, accum_mode=config.accum_mode,
+      frozen=(optim.frozen_mask(param_shapes, config.freeze)
+              if config.get("freeze") else None))
   has_bias = config.model.get("logit_bias_init") is not None
   max_nonfinite = config.get("max_consecutive_nonfinite") or 0
   step = int(jax.device_get(state["step"]))

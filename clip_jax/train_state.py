@@ -63,9 +63,14 @@ def opt_shardings(tx, opt_shapes, param_shardings, mesh):
   every other leaf (step counts, non-finite counters) is replicated.
   """
   replicated = sharding_lib.replicated(mesh)
+
+  def masked(x):  # A frozen param's empty place (optax.multi_transform).
+    return isinstance(x, optax.MaskedNode)
+
   return optax.tree_utils.tree_map_params(
-      tx, lambda _, sharding: sharding, opt_shapes, param_shardings,
-      transform_non_params=lambda _: replicated)
+      tx, lambda leaf, sharding: leaf if masked(leaf) else sharding,
+      opt_shapes, param_shardings,
+      transform_non_params=lambda _: replicated, is_leaf=masked)
 
 
 def abstract_state(model, tx, config, mesh):
@@ -145,13 +150,34 @@ def _tree_add(a, b):
   return jax.tree_util.tree_map(jnp.add, a, b)
 
 
+def stop_frozen_gradients(params, frozen):
+  """`params` with lax.stop_gradient on the leaves `frozen` marks (a tree
+  of Python bools, or None): their gradient is 0 and XLA drops the
+  backward pass that only they need (a locked tower's)."""
+  if frozen is None:
+    return params
+  return jax.tree_util.tree_map(
+      lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+
+
+def keep_frozen(new_params, old_params, frozen):
+  """The frozen leaves of `old_params` exactly (a zero update would turn
+  -0.0 into +0.0), the others of `new_params`."""
+  if frozen is None:
+    return new_params
+  return jax.tree_util.tree_map(lambda n, o, f: o if f else n, new_params,
+                                old_params, frozen)
+
+
 def make_loss_and_grads(model, loss_fn, mesh, param_shardings, *,
-                        accum_steps: int = 1, accum_mode: str = "exact"):
+                        accum_steps: int = 1, accum_mode: str = "exact",
+                        frozen=None):
   """Returns f(params, batch) -> (loss, grads) for the given accumulation.
 
   The model has no dropout or other randomness (its apply takes no rngs), so
   the embedding pass and the back-propagation pass compute the same function;
   a model with dropout would have to get the same rng in both passes.
+  `frozen` (optim.frozen_mask, or None): those parameters' gradients are 0.
   """
   if accum_mode not in ACCUM_MODES:
     raise ValueError(f"accum_mode={accum_mode!r} is not one of {ACCUM_MODES}.")
@@ -159,6 +185,7 @@ def make_loss_and_grads(model, loss_fn, mesh, param_shardings, *,
     raise ValueError(f"accum_steps={accum_steps} must be >= 1.")
 
   def loss_of_params(params, batch):
+    params = stop_frozen_gradients(params, frozen)
     zimg, ztxt, out = embed(model, params, batch, train=True)
     return contrastive_loss(loss_fn, zimg, ztxt, out, mesh)
 
@@ -186,6 +213,7 @@ def make_loss_and_grads(model, loss_fn, mesh, param_shardings, *,
         lambda x: split_microbatches(x, accum_steps, mesh), batch)
 
     def towers(params, batch_i):
+      params = stop_frozen_gradients(params, frozen)
       return embed(model, params, batch_i, train=True)[:2]
 
     # 1. Embeddings of every micro-batch; no gradient, so nothing is kept.
@@ -200,7 +228,8 @@ def make_loss_and_grads(model, loss_fn, mesh, param_shardings, *,
     # 2. The full-batch loss and its gradient w.r.t. the embeddings and the
     # scale / bias params (the existing sharded loss, unchanged).
     def loss_of(zimg, ztxt, scalar_params):
-      out = scalars(model, {**params, **scalar_params})
+      out = scalars(model, stop_frozen_gradients(
+          {**params, **scalar_params}, frozen))
       return contrastive_loss(loss_fn, zimg, ztxt, out, mesh)
 
     scalar_params = {k: params[k] for k in SCALAR_PARAMS if k in params}
@@ -232,8 +261,12 @@ def _finite_where(applied, new, old):
 
 def make_train_step(model, tx, loss_fn, schedule, mesh, state_shardings,
                     *, max_log_logit_scale: float | None,
-                    accum_steps: int = 1, accum_mode: str = "exact"):
+                    accum_steps: int = 1, accum_mode: str = "exact",
+                    frozen=None):
   """Returns step(state, batch) -> (state, metrics), jitted and donating.
+
+  `frozen` (optim.frozen_mask of config.freeze, or None): parameters that
+  get no gradient and stay bit-identical (tx must freeze the same ones).
 
   `tx` must be optim.make_optimizer's (wrapped in optax.apply_if_finite): a
   non-finite loss or gradient leaves params and optimiser state unchanged,
@@ -243,7 +276,7 @@ def make_train_step(model, tx, loss_fn, schedule, mesh, state_shardings,
   """
   loss_and_grads = make_loss_and_grads(
       model, loss_fn, mesh, state_shardings["params"],
-      accum_steps=accum_steps, accum_mode=accum_mode)
+      accum_steps=accum_steps, accum_mode=accum_mode, frozen=frozen)
 
   def step(state, batch):
     old_params, old_opt = state["params"], state["opt"]
@@ -266,6 +299,7 @@ def make_train_step(model, tx, loss_fn, schedule, mesh, state_shardings,
     # A skipped step returns the old params exactly: neither the clamp nor
     # adding a zero update (-0.0 + 0.0 = +0.0) may change them.
     params = _finite_where(opt.last_finite, params, old_params)
+    params = keep_frozen(params, old_params, frozen)
     out = scalars(model, old_params)
     bias = out.get("logit_bias")
     metrics = {

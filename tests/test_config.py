@@ -172,6 +172,11 @@ _BAD_CONFIGS = [
     ("batch_size", 0, ["config.batch_size=0", "must be > 0"]),
     ("max_consecutive_nonfinite", 0,
      ["config.max_consecutive_nonfinite=0", ">= 1"]),
+    # Freeze and init.
+    ("freeze", "img/(.*", ["config.freeze='img/(.*'", "not a regex",
+                           "'img/.*'"]),
+    ("init.workdir", "/nonexistent/run",
+     ["config.init.workdir='/nonexistent/run'", "no checkpoints/ folder"]),
 ]
 
 

@@ -177,3 +177,26 @@ def test_cli_missing_input_is_one_line(tmp_path):
   assert proc.stderr.splitlines() == [
       f"error: --input {str(tmp_path / 'nope.txt')!r} not found; give a "
       "text file with one caption a line."]
+
+
+def test_siglip_style_sentencepiece_model_loads(tmp_path):
+  """SigLIP's English tokenizers are T5-style sentencepiece models (pad 0,
+  EOS 1, UNK 2, no BOS, unigram, nmt_nfkc, no lower-casing in the model):
+  one trained with those settings loads and encodes as sentencepiece
+  itself does, plus EOS and padding."""
+  import sentencepiece as spm
+  path = tmp_path / "siglip_style.model"
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(CORPUS + [c.upper() for c in CORPUS]),
+      model_prefix=str(tmp_path / "siglip_style"), vocab_size=60,
+      model_type="unigram", normalization_rule_name="nmt_nfkc",
+      pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+      hard_vocab_limit=False, minloglevel=2, num_threads=1)
+  tok = tokenizer_lib.load(str(path), lowercase=False)
+  reference = spm.SentencePieceProcessor(model_file=str(path))
+  for text in ["Red Apple", "flag japan", ""]:
+    ids = reference.encode(text)
+    row = tok.encode([text], 16, "eos")[0]
+    np.testing.assert_array_equal(row, ids + [1] + [0] * (15 - len(ids)))
+    np.testing.assert_array_equal(tok.encode([text], 16, "last")[0],
+                                  ids + [1] * (16 - len(ids)))

@@ -105,8 +105,13 @@ Data config keys (`config.data`, defaults in `default_data_config()`):
                     model (4x fewer host-to-device bytes; the same values
                     to one float32 rounding); False = float32 normalised
                     on the host.
-  tokenizer         a sentencepiece .model path, or 'emoji' = train one on
-                    the emoji train captions (cached in cache_dir).
+  tokenizer         a sentencepiece .model path, 'emoji' = train one on
+                    the emoji train captions (cached in cache_dir), or
+                    'clip_bpe' = OpenAI CLIP's BPE (49,408 tokens, SOT/EOT,
+                    data/clip_bpe.py; set model.text eos_id=49407,
+                    pad_id=-1, vocab_size=49408; always lower-cases).
+  bpe_path          clip_bpe's merges file (bpe_simple_vocab_16e6.txt.gz);
+                    None = the copy in an installed open_clip_torch.
   vocab_size        vocabulary of a tokenizer trained here (the model's
                     embedding table is checked against the tokenizer).
   context_length    tokens per caption L (truncated, EOS kept).
@@ -145,6 +150,7 @@ from clip_jax.data import sources, transforms, wds
 from clip_jax.data import tokenizer as tokenizer_lib
 
 MIN_EXAMPLES_FOR_SKIP_CHECK = 100
+CLIP_BPE = "clip_bpe"  # config.data.tokenizer naming OpenAI CLIP's BPE.
 MAX_CAPTION_CHARS = 4096  # Longer captions are cut (clip_caption).
 CHUNK = 32  # Examples a worker prepares per message to the main process.
 _STATE_VERSION = 1
@@ -175,6 +181,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       "uint8_images": True,
       "tokenizer": "emoji", "vocab_size": 49408, "context_length": 77,
       "eos_policy": "eos", "lowercase": True,
+      "bpe_path": config_dict.placeholder(str),
       "worker_count": 0, "read_threads": 0, "prefetch": 2,
       "max_skip_fraction": 0.01,
   })
@@ -187,11 +194,19 @@ def get_tokenizer(data_config):
   name = data_config.get("tokenizer")
   if not name:
     raise ValueError("config.data.tokenizer is empty: give a sentencepiece "
-                     ".model path, or 'emoji'.")
+                     ".model path, 'emoji' or 'clip_bpe'.")
   if name == "emoji":
     return tokenizer_lib.emoji_tokenizer(
         data_config.vocab_size, cache_dir=data_config.get("cache_dir"),
         lowercase=data_config.lowercase)
+  if name == CLIP_BPE:
+    if not data_config.lowercase:
+      raise ValueError(
+          "config.data.tokenizer='clip_bpe' always lower-cases (its "
+          "vocabulary is lower-case) but config.data.lowercase=False; set "
+          "config.data.lowercase=True.")
+    from clip_jax.data import clip_bpe  # pylint: disable=g-import-not-at-top
+    return clip_bpe.ClipBpeTokenizer(data_config.get("bpe_path"))
   return tokenizer_lib.load(name, lowercase=data_config.lowercase)
 
 
