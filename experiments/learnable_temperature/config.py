@@ -9,9 +9,8 @@ capped at 100 (CLIP), fixed at 1/0.07, or fixed at 1.0; 3 seeds, 600 steps
 of 256. The final `logit_scale` column of the report and its curve in each
 point's metrics.jsonl show whether the cap binds.
 
-NOT RUNNABLE YET: a fixed scale needs a way to stop the optimiser updating
-`logit_scale` (config.freeze, being added with LiT under issue 12). Until
-that key exists, points with fixed=true stop with an error naming it.
+A fixed scale is `config.freeze = '^logit_scale$'`: the optimiser leaves
+it alone (and holds no state for it).
 
 Arguments of get_config: scale (initial multiplier), fixed (bool), steps.
 """
@@ -30,12 +29,6 @@ def get_config(arg=None):
       "../../configs/demo.py", f"steps={arg.steps},eval_every={arg.steps}")
   c.model.logit_scale_init = arg.scale
   if arg.fixed:
-    if "freeze" not in c:
-      raise ValueError(
-          "experiments/learnable_temperature: fixed=true needs config.freeze "
-          "(parameters the optimiser leaves alone), which this checkout does "
-          "not have yet (issue 12); run the learnable point only, or merge "
-          "config.freeze first.")
     c.freeze = r"^logit_scale$"
   c.checkpoint_every_steps = max(arg.steps // 4, 1)
   common = dict(batch_size=512, every_steps=arg.steps, templates="emoji")
