@@ -234,16 +234,20 @@ def compiled_flops(compiled) -> float:
   return float(cost["flops"])
 
 
-def float_batch(config, mesh, seed=0):
-  """Random normalised float32 images and tokens of the config's shapes."""
+def float_batch_arrays(config, seed=0) -> dict:
+  """Random normalised float32 images and tokens (NumPy, host)."""
   rng = np.random.default_rng(seed)
   size, length = config.model.image.image_size, config.model.text.context_length
-  return sharding_lib.host_to_global({
+  return {
       "image": rng.normal(size=(config.batch_size, size, size, 3)).astype(
           np.float32),
       "text": rng.integers(3, config.model.text.vocab_size,
-                           (config.batch_size, length)).astype(np.int32)},
-                                     mesh)
+                           (config.batch_size, length)).astype(np.int32)}
+
+
+def float_batch(config, mesh, seed=0):
+  """float_batch_arrays as a global batch on the mesh."""
+  return sharding_lib.host_to_global(float_batch_arrays(config, seed), mesh)
 
 
 def compiled_step(config):
