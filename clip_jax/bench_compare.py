@@ -51,8 +51,8 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternations jax/torch.")
 _WINDOWS = flags.DEFINE_integer("turn_windows", None,
                                 "Windows per turn (default: demo 3, b32 1).")
 _STEPS = flags.DEFINE_integer(
-    "turn_steps", None, "Steps per window (default: demo 5, b32 2).")
-_DEFAULT_WINDOWS = {"demo": (3, 5), "b32": (1, 2)}
+    "turn_steps", None, "Steps per window (default: demo 5, b32 1).")
+_DEFAULT_WINDOWS = {"demo": (3, 5), "b32": (1, 1)}
 
 
 def open_clip_model(model_config):
