@@ -30,7 +30,9 @@ examples/s), and its ratio to the float32 matmul peak timed in the same run
 a machine description (CPU model, cores, jax version, XLA_FLAGS).
 --model picks a named size (STEP_MODELS: demo = configs/demo.py's towers,
 b32 = CLIP ViT-B/32 with its 12 x 512 text tower, float32) instead of
---config; --batch overrides the batch size; --noloop skips the pipeline
+--config; --batch overrides the batch size; --set key=value,... overrides
+config keys (model.attention=fused_qkv); --xla_options passes XLA compile
+options (JSON) to the train step's compilation; --noloop skips the pipeline
 and loop figures (the default for b32, which has no local data).
 
 `loss`: forward + backward of every registered loss (losses.LOSSES) on a
@@ -127,6 +129,13 @@ _BATCH = flags.DEFINE_integer("batch", None, "step: batch size override.")
 _LOOP = flags.DEFINE_bool(
     "loop", None, "step: also time the input pipeline and the train loop "
     "(default: yes, except for --model b32).")
+_SET = flags.DEFINE_list(
+    "set", [], "step: config overrides key=value (e.g. "
+    "model.attention=fused_qkv); values parsed as Python literals.")
+_XLA_OPTIONS = flags.DEFINE_string(
+    "xla_options", None, "step: JSON dict of XLA compile options for the "
+    "train step, e.g. '{\"xla_cpu_scheduler_type\": "
+    "\"CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED\"}'.")
 _PEAK_N = flags.DEFINE_integer("peak_n", 2048,
                                "step: size n of the [n, n] matmul peak.")
 _SCALE, _BIAS = 10.0, -10.0  # SigLIP's initial logit scale and bias.
@@ -250,19 +259,37 @@ def float_batch(config, mesh, seed=0):
   return sharding_lib.host_to_global(float_batch_arrays(config, seed), mesh)
 
 
-def compiled_step(config):
+def parse_overrides(items) -> dict:
+  """['a.b=1', "c='x'"] -> {'a.b': 1, 'c': 'x'} (bare words stay strings)."""
+  import ast  # pylint: disable=g-import-not-at-top
+  overrides = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise app.UsageError(f"--set {item!r}: expected key=value.")
+    try:
+      overrides[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      overrides[key] = value
+  return overrides
+
+
+def compiled_step(config, compiler_options=None):
   """(compiled step, state, batch, compile seconds, compiled FLOPs/step)."""
   step, state, mesh = _make_step(config)
   batch = float_batch(config, mesh)
   start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  compiled = step.lower(state, batch).compile(
+      compiler_options=compiler_options or {})
   compile_s = time.perf_counter() - start
   return compiled, state, batch, compile_s, compiled_flops(compiled)
 
 
-def bench_train_step(config, windows: int, calls: int):
+def bench_train_step(config, windows: int, calls: int,
+                     compiler_options=None):
   """(median examples/s, all windows, facts of the compiled step)."""
-  compiled, state, batch, compile_s, flops = compiled_step(config)
+  compiled, state, batch, compile_s, flops = compiled_step(config,
+                                                           compiler_options)
   one_step = _timed_steps(compiled, state, lambda: batch)
   one_step()  # Warm-up.
   rate, rates = _median_rate(one_step, config.batch_size, windows, calls)
@@ -298,13 +325,16 @@ def bench_pipeline(config, windows: int, calls: int):
 
 
 def main_step():
-  config = step_config(_MODEL.value, _CONFIG.value, _BATCH.value)
+  config = with_overrides(
+      step_config(_MODEL.value, _CONFIG.value, _BATCH.value),
+      parse_overrides(_SET.value))
+  options = json.loads(_XLA_OPTIONS.value) if _XLA_OPTIONS.value else None
   name = _MODEL.value or _CONFIG.value
   loop = _LOOP.value if _LOOP.value is not None else _MODEL.value != "b32"
   n = config.batch_size
   peak = matmul_peak_flops(_PEAK_N.value)
   step_rate, step_all, facts = bench_train_step(config, _WINDOWS.value,
-                                                _STEPS.value)
+                                                _STEPS.value, options)
   peak_after = matmul_peak_flops(_PEAK_N.value)
   analytic = flops_lib.config_train_flops_per_example(config.model, n)
   per_example = analytic["total"]
@@ -313,6 +343,8 @@ def main_step():
   peak = statistics.median([peak, peak_after])
   result = {
       "model": name, "batch_size": n, "machine": machine_description(),
+      "overrides": _SET.value, "xla_options": options or {},
+      "load_average_1min": os.getloadavg()[0],
       "train_step_examples_per_sec": step_rate,
       "train_step_windows": step_all,
       "compile_seconds": facts["compile_seconds"],
