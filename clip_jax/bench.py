@@ -2,6 +2,8 @@
 
   python -m clip_jax.bench [step] [--config configs/demo.py] [--out ...]
   python -m clip_jax.bench step --model demo|b32 [--batch N] [--noloop]
+  python -m clip_jax.bench ab --model demo --ab '{"flax": {}, "fused":
+      {"set": {"model.attention": "fused_qkv"}}}' [--rounds 5]
   python -m clip_jax.bench loss --global_batch 32768 --embed_dim 512 \
       --devices 8 [--repeats 3] [--check_batch 2048] [--out ...]
   python -m clip_jax.bench step32k --devices 8 [--accum_steps 4] \
@@ -34,6 +36,11 @@ b32 = CLIP ViT-B/32 with its 12 x 512 text tower, float32) instead of
 config keys (model.attention=fused_qkv); --xla_options passes XLA compile
 options (JSON) to the train step's compilation; --noloop skips the pipeline
 and loop figures (the default for b32, which has no local data).
+
+`ab`: variants of one model's train step (--ab: config overrides and/or
+XLA compile options per label), each compiled once, then timed in turn
+for --rounds rounds in one process: the median per-round ratio to the
+first variant is the figure to read on a shared machine.
 
 `loss`: forward + backward of every registered loss (losses.LOSSES) on a
 global batch of random unit embeddings split over --devices fake CPU devices:
@@ -136,6 +143,10 @@ _XLA_OPTIONS = flags.DEFINE_string(
     "xla_options", None, "step: JSON dict of XLA compile options for the "
     "train step, e.g. '{\"xla_cpu_scheduler_type\": "
     "\"CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED\"}'.")
+_AB = flags.DEFINE_string(
+    "ab", None, "ab: JSON {label: {'set': {key: value}, 'xla': {option: "
+    "value}}}; the first label is the baseline.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "ab: alternated rounds.")
 _PEAK_N = flags.DEFINE_integer("peak_n", 2048,
                                "step: size n of the [n, n] matmul peak.")
 _SCALE, _BIAS = 10.0, -10.0  # SigLIP's initial logit scale and bias.
@@ -759,8 +770,47 @@ def main_memory():
                "variants": rows}, _OUT.value or "runs/bench_memory.json")
 
 
-COMMANDS = {"step": main_step, "loss": main_loss, "step32k": main_step32k,
-            "memory": main_memory}
+def main_ab():
+  """Variants of one model's train step, alternated in one process.
+
+  Each variant (config overrides and/or XLA compile options) is compiled
+  once; then every round times one window of --steps_per_window steps of
+  each, in turn. Prints the median of the per-round ratios to the first
+  variant: on a shared machine, the figure to trust.
+  """
+  variants = json.loads(_AB.value or '{"base": {}}')
+  base_config = step_config(_MODEL.value, _CONFIG.value, _BATCH.value)
+  n, steps = base_config.batch_size, _STEPS.value
+  runs = {}
+  for label, spec in variants.items():
+    config = with_overrides(base_config, spec.get("set", {}))
+    compiled, state, batch, compile_s, _ = compiled_step(config,
+                                                         spec.get("xla"))
+    runs[label] = _timed_steps(compiled, state, lambda b=batch: b)
+    runs[label]()  # Warm-up.
+    print(f"{label}: compiled in {compile_s:.1f} s", flush=True)
+  rates = {label: [] for label in runs}
+  for r in range(_ROUNDS.value):
+    for label, one_step in runs.items():
+      rates[label].append(_median_rate(one_step, n, 1, steps)[0])
+    print(f"round {r + 1}: " + ", ".join(
+        f"{k} {v[-1]:.1f}" for k, v in rates.items()) + f" ex/s (load "
+          f"{os.getloadavg()[0]:.1f})", flush=True)
+  base = next(iter(runs))
+  result = {"model": _MODEL.value or _CONFIG.value, "batch_size": n,
+            "machine": machine_description(), "variants": variants,
+            "rates": rates, "ratio_median": {}}
+  for label in runs:
+    ratios = [a / b for a, b in zip(rates[label], rates[base])]
+    result["ratio_median"][label] = statistics.median(ratios)
+    print(f"{label:<16} median {statistics.median(rates[label]):8.1f} ex/s, "
+          f"x{statistics.median(ratios):.3f} vs {base} (rounds "
+          f"{', '.join(f'{x:.2f}' for x in ratios)})")
+  _write_json(result, _OUT.value or "runs/bench_ab.json")
+
+
+COMMANDS = {"step": main_step, "ab": main_ab, "loss": main_loss,
+            "step32k": main_step32k, "memory": main_memory}
 
 
 def main(argv):
