@@ -3,7 +3,7 @@
   python -m clip_jax.bench [step] [--config configs/demo.py] [--out ...]
   python -m clip_jax.bench step --model demo|b32 [--batch N] [--noloop]
   python -m clip_jax.bench ab --model demo --ab '{"flax": {}, "fused":
-      {"set": {"model.attention": "fused_qkv"}}}' [--rounds 5]
+      {"set": {"model.attention": "fused_qkv"}}}' [--ab_rounds 5]
   python -m clip_jax.bench loss --global_batch 32768 --embed_dim 512 \
       --devices 8 [--repeats 3] [--check_batch 2048] [--out ...]
   python -m clip_jax.bench step32k --devices 8 [--accum_steps 4] \
@@ -39,7 +39,7 @@ and loop figures (the default for b32, which has no local data).
 
 `ab`: variants of one model's train step (--ab: config overrides and/or
 XLA compile options per label), each compiled once, then timed in turn
-for --rounds rounds in one process: the median per-round ratio to the
+for --ab_rounds rounds in one process: the median per-round ratio to the
 first variant is the figure to read on a shared machine.
 
 `loss`: forward + backward of every registered loss (losses.LOSSES) on a
@@ -146,7 +146,7 @@ _XLA_OPTIONS = flags.DEFINE_string(
 _AB = flags.DEFINE_string(
     "ab", None, "ab: JSON {label: {'set': {key: value}, 'xla': {option: "
     "value}}}; the first label is the baseline.")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "ab: alternated rounds.")
+_ROUNDS = flags.DEFINE_integer("ab_rounds", 5, "ab: alternated rounds.")
 _PEAK_N = flags.DEFINE_integer("peak_n", 2048,
                                "step: size n of the [n, n] matmul peak.")
 _SCALE, _BIAS = 10.0, -10.0  # SigLIP's initial logit scale and bias.

@@ -164,6 +164,7 @@ def compare_model(name: str, batch: int, rounds: int, windows: int,
     process = context.Process(target=_worker,
                               args=(kind, name, batch, threads, child))
     process.start()
+    child.close()  # A dead worker then ends recv() with EOFError, no hang.
     workers[kind] = (process, parent)
     facts[kind] = parent.recv()  # Built and warmed up, before the next.
   turns = []
