@@ -42,6 +42,10 @@ XLA compile options per label), each compiled once, then timed in turn
 for --ab_rounds rounds in one process: the median per-round ratio to the
 first variant is the figure to read on a shared machine.
 
+`profile`: a jax.profiler trace of --steps_per_window compiled steps;
+the time of every thunk summed by the heaviest op its fusion wraps (dot,
+convolution, transpose, reduce, gather, scatter, else elementwise).
+
 `loss`: forward + backward of every registered loss (losses.LOSSES) on a
 global batch of random unit embeddings split over --devices fake CPU devices:
 seconds (median of --repeats calls after one warm-up), per-device temporary
@@ -83,6 +87,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import statistics
 import time
 
@@ -809,8 +814,76 @@ def main_ab():
   _write_json(result, _OUT.value or "runs/bench_ab.json")
 
 
-COMMANDS = {"step": main_step, "ab": main_ab, "loss": main_loss,
-            "step32k": main_step32k, "memory": main_memory}
+_FUSION_CALL = re.compile(r"calls=%?([\w.\-]+)")
+_OP = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)\s+([\w\-]+)\(")
+_HEAVY_OPS = ("dot", "convolution", "transpose", "reduce", "gather",
+              "scatter")
+
+
+def thunk_categories(hlo: str) -> dict[str, str]:
+  """{instruction name: category} for the entry's fusions and ops.
+
+  A fusion's category is the heaviest op inside it (_HEAVY_OPS order),
+  else 'elementwise'.
+  """
+  bodies, entry = hlo_lib._computations(hlo)  # pylint: disable=protected-access
+  categories = {}
+  for line in bodies.get(entry, ()):
+    match = _OP.match(line)
+    if not match:
+      continue
+    name, _, op = match.groups()
+    ops = {op}
+    call = _FUSION_CALL.search(line)
+    if op == "fusion" and call:
+      ops = {m.group(3) for m in map(_OP.match, bodies.get(call.group(1), ()))
+             if m}
+    categories[name] = next((h for h in _HEAVY_OPS if h in ops),
+                            "elementwise")
+  return categories
+
+
+def main_profile():
+  """Time shares of the compiled step by op category (jax.profiler)."""
+  import collections  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  config = with_overrides(
+      step_config(_MODEL.value, _CONFIG.value, _BATCH.value),
+      parse_overrides(_SET.value))
+  options = json.loads(_XLA_OPTIONS.value) if _XLA_OPTIONS.value else None
+  compiled, state, batch, _, _ = compiled_step(config, options)
+  one_step = _timed_steps(compiled, state, lambda: batch)
+  one_step()
+  categories = thunk_categories(compiled.as_text())
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+      for _ in range(_STEPS.value):
+        one_step()
+    path = glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)[0]
+    with gzip.open(path) as f:
+      events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  totals = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e["name"] in categories:
+      totals[categories[e["name"]]] += e.get("dur", 0)
+  total = sum(totals.values())
+  print(f"{_MODEL.value or _CONFIG.value}, batch {config.batch_size}: thunk "
+        f"time by op ({_STEPS.value} steps; thunks may overlap)")
+  for kind, micros in totals.most_common():
+    print(f"  {kind:<12} {100 * micros / total:5.1f}%  "
+          f"{micros / 1e3 / _STEPS.value:9.1f} ms/step")
+  _write_json({"model": _MODEL.value or _CONFIG.value,
+               "batch_size": config.batch_size,
+               "ms_per_step": {k: v / 1e3 / _STEPS.value
+                               for k, v in totals.items()}},
+              _OUT.value or "runs/bench_profile.json")
+
+
+COMMANDS = {"step": main_step, "ab": main_ab, "profile": main_profile,
+            "loss": main_loss, "step32k": main_step32k, "memory": main_memory}
 
 
 def main(argv):
