@@ -63,3 +63,20 @@ def test_train_flops_match_cost_analysis_of_loss_and_grads():
       v for k, v in expected.items() if k != "total")
   assert expected["total"] <= measured <= 1.12 * expected["total"], (
       measured, expected)
+
+
+def test_thunk_categories_name_the_heaviest_op_of_each_fusion():
+  from clip_jax.bench import thunk_categories
+  x = jnp.ones((64, 32), jnp.float32)
+
+  def program(a, b):
+    return jnp.exp(a @ b).T + 1.0, jnp.sum(jnp.tanh(a), axis=0)
+
+  hlo = jax.jit(program).lower(x, x.T).compile().as_text()
+  categories = thunk_categories(hlo)
+  assert "dot" in categories.values(), categories
+  assert set(categories.values()) <= {"dot", "convolution", "transpose",
+                                      "reduce", "gather", "scatter",
+                                      "elementwise"}, categories
+  # The program has one matmul, so exactly one thunk is a dot.
+  assert sum(v == "dot" for v in categories.values()) == 1, categories
