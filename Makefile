@@ -6,7 +6,7 @@ NOTO_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 # 8 fake CPU devices, so multi-device code runs everywhere.
 FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: help install test demo bench bench-loss bench-32k bench-memory bench-data data lint tensorboard clean
+.PHONY: help install test demo bench bench-step bench-compare bench-loss bench-32k bench-memory bench-data data lint tensorboard clean
 
 help:  ## List the targets
 	@echo "make TARGET, each usable on a fresh clone (installs what it needs):"
@@ -39,6 +39,19 @@ demo: install  ## Train configs/demo.py on the emoji data, print results
 bench: install  ## Benchmarks -> runs/bench.json
 	@# One device, as `make demo` trains.
 	$(PY) -m clip_jax.bench --out runs/bench.json
+
+bench-step: install  ## Train-step ex/s, FLOPs, share of matmul peak (demo, B/32) -> runs/bench_step_*.json
+	@# One device; medians of timed windows after compilation.
+	$(PY) -m clip_jax.bench step --model demo --batch 256 \
+	  --out runs/bench_step_demo.json
+	$(PY) -m clip_jax.bench step --model b32 --batch 64 --windows 3 \
+	  --steps_per_window 2 --out runs/bench_step_b32.json
+
+bench-compare: install  ## clip_jax vs open_clip train step, same architecture, alternated -> runs/bench_compare.json
+	@# torch + open_clip come from requirements-dev.txt (already in .venv,
+	@# never runtime deps), so no second venv; not part of `make test`.
+	$(PY) -m clip_jax.bench_compare --models demo:256,b32:64 --rounds 3 \
+	  --out runs/bench_compare.json
 
 bench-loss: install  ## Every loss at a 32K batch on 8 fake devices -> runs/bench_loss.json
 	@# Forward+backward of every loss at a 32K global batch on 8 fake devices

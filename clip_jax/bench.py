@@ -1,6 +1,9 @@
 """Benchmarks (not tests): print figures and write JSON.
 
   python -m clip_jax.bench [step] [--config configs/demo.py] [--out ...]
+  python -m clip_jax.bench step --model demo|b32 [--batch N] [--noloop]
+  python -m clip_jax.bench ab --model demo --ab '{"flax": {}, "fused":
+      {"set": {"model.attention": "fused_qkv"}}}' [--ab_rounds 5]
   python -m clip_jax.bench loss --global_batch 32768 --embed_dim 512 \
       --devices 8 [--repeats 3] [--check_batch 2048] [--out ...]
   python -m clip_jax.bench step32k --devices 8 [--accum_steps 4] \
@@ -21,6 +24,27 @@
                is the share of the loop's time the input costs.
 The machine is shared and noisy, so all are medians of several windows
 measured in the same run, and the ratios are the figures to compare.
+`step` also prints, for the train step: compile seconds, model FLOPs per
+example from XLA's compiled cost analysis and from the analytic matmul
+count (clip_jax.flops), the achieved model FLOP/s (analytic FLOPs x
+examples/s), and its ratio to the float32 matmul peak timed in the same run
+(a jitted [n, n] @ [n, n] jnp.dot, median of several calls); the JSON holds
+a machine description (CPU model, cores, jax version, XLA_FLAGS).
+--model picks a named size (STEP_MODELS: demo = configs/demo.py's towers,
+b32 = CLIP ViT-B/32 with its 12 x 512 text tower, float32) instead of
+--config; --batch overrides the batch size; --set key=value,... overrides
+config keys (model.attention=fused_qkv); --xla_options passes XLA compile
+options (JSON) to the train step's compilation; --noloop skips the pipeline
+and loop figures (the default for b32, which has no local data).
+
+`ab`: variants of one model's train step (--ab: config overrides and/or
+XLA compile options per label), each compiled once, then timed in turn
+for --ab_rounds rounds in one process: the median per-round ratio to the
+first variant is the figure to read on a shared machine.
+
+`profile`: a jax.profiler trace of --steps_per_window compiled steps;
+the time of every thunk summed by the heaviest op its fusion wraps (dot,
+convolution, transpose, reduce, gather, scatter, else elementwise).
 
 `loss`: forward + backward of every registered loss (losses.LOSSES) on a
 global batch of random unit embeddings split over --devices fake CPU devices:
@@ -63,6 +87,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import statistics
 import time
 
@@ -73,6 +98,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from clip_jax import config as config_lib
+from clip_jax import flops as flops_lib
 from clip_jax import hlo as hlo_lib
 from clip_jax import losses, numpy_losses, optim, train_state
 from clip_jax import sharding as sharding_lib
@@ -108,6 +134,26 @@ _CPU_SCHEDULER = flags.DEFINE_enum(
     "no memory there.")
 _TIMED_STEPS = flags.DEFINE_integer(
     "timed_steps", 2, "step32k: timed steps after the first (compiling) one.")
+_MODEL = flags.DEFINE_enum(
+    "model", None, ["demo", "b32"],
+    "step: a named model size (STEP_MODELS) instead of --config.")
+_BATCH = flags.DEFINE_integer("batch", None, "step: batch size override.")
+_LOOP = flags.DEFINE_bool(
+    "loop", None, "step: also time the input pipeline and the train loop "
+    "(default: yes, except for --model b32).")
+_SET = flags.DEFINE_list(
+    "set", [], "step: config overrides key=value (e.g. "
+    "model.attention=fused_qkv); values parsed as Python literals.")
+_XLA_OPTIONS = flags.DEFINE_string(
+    "xla_options", None, "step: JSON dict of XLA compile options for the "
+    "train step, e.g. '{\"xla_cpu_scheduler_type\": "
+    "\"CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED\"}'.")
+_AB = flags.DEFINE_string(
+    "ab", None, "ab: JSON {label: {'set': {key: value}, 'xla': {option: "
+    "value}}}; the first label is the baseline.")
+_ROUNDS = flags.DEFINE_integer("ab_rounds", 5, "ab: alternated rounds.")
+_PEAK_N = flags.DEFINE_integer("peak_n", 2048,
+                               "step: size n of the [n, n] matmul peak.")
 _SCALE, _BIAS = 10.0, -10.0  # SigLIP's initial logit scale and bias.
 _DENSE_RTOL = 1e-4
 _FEW_BLOCKS = 4  # [n, n] blocks a tiled loss may hold: logits, their
@@ -150,19 +196,121 @@ def _timed_steps(step, state, next_batch):
   return one_step
 
 
-def bench_train_step(config, windows: int, calls: int):
-  step, state, mesh = _make_step(config)
-  rng = np.random.default_rng(0)
+# Named sizes of `step --model`: (config file, its argument, overrides).
+STEP_MODELS = {
+    "demo": ("configs/demo.py", None, {}),
+    "b32": ("configs/clip.py", "model=B/32", {"model.dtype": "float32"}),
+}
+
+
+def step_config(model: str | None, config_flag: str, batch: int | None):
+  """The config `step` benchmarks: a STEP_MODELS size or a config file."""
+  if model is not None:
+    path, arg, overrides = STEP_MODELS[model]
+  else:
+    (path, _, arg), overrides = config_flag.partition(":"), {}
+  config = with_overrides(config_lib.load_config_file(path, arg or None),
+                          overrides)
+  if batch is not None:
+    config.batch_size = batch
+  return config
+
+
+def machine_description() -> dict:
+  """What the figures were measured on."""
+  cpu = "unknown"
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((line.split(":", 1)[1].strip() for line in f
+                  if line.startswith("model name")), cpu)
+  except OSError:
+    pass
+  import platform  # pylint: disable=g-import-not-at-top
+
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  return {
+      "cpu_model": cpu, "cpu_count": os.cpu_count(),
+      "cpus_usable": len(os.sched_getaffinity(0)),
+      "platform": platform.platform(), "python": platform.python_version(),
+      "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+      "backend": jax.default_backend(), "devices": jax.device_count(),
+      "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+  }
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 7) -> float:
+  """float32 FLOP/s of a jitted [n, n] @ [n, n] (median of repeats)."""
+  a, b = jax.random.normal(jax.random.key(0), (2, n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  jax.block_until_ready(dot(a, b))
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(dot(a, b))
+    seconds.append(time.perf_counter() - start)
+  return 2 * n**3 / statistics.median(seconds)
+
+
+def compiled_flops(compiled) -> float:
+  """'flops' of XLA's cost analysis of a compiled program."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # Older jax: one dict per program.
+    cost = cost[0]
+  return float(cost["flops"])
+
+
+def float_batch_arrays(config, seed=0) -> dict:
+  """Random normalised float32 images and tokens (NumPy, host)."""
+  rng = np.random.default_rng(seed)
   size, length = config.model.image.image_size, config.model.text.context_length
-  batch = sharding_lib.host_to_global({
+  return {
       "image": rng.normal(size=(config.batch_size, size, size, 3)).astype(
           np.float32),
       "text": rng.integers(3, config.model.text.vocab_size,
-                           (config.batch_size, length)).astype(np.int32)},
-                                      mesh)
-  one_step = _timed_steps(step, state, lambda: batch)
-  one_step()  # Compile.
-  return _median_rate(one_step, config.batch_size, windows, calls)
+                           (config.batch_size, length)).astype(np.int32)}
+
+
+def float_batch(config, mesh, seed=0):
+  """float_batch_arrays as a global batch on the mesh."""
+  return sharding_lib.host_to_global(float_batch_arrays(config, seed), mesh)
+
+
+def parse_overrides(items) -> dict:
+  """['a.b=1', "c='x'"] -> {'a.b': 1, 'c': 'x'} (bare words stay strings)."""
+  import ast  # pylint: disable=g-import-not-at-top
+  overrides = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise app.UsageError(f"--set {item!r}: expected key=value.")
+    try:
+      overrides[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      overrides[key] = value
+  return overrides
+
+
+def compiled_step(config, compiler_options=None):
+  """(compiled step, state, batch, compile seconds, compiled FLOPs/step)."""
+  step, state, mesh = _make_step(config)
+  batch = float_batch(config, mesh)
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile(
+      compiler_options=compiler_options or {})
+  compile_s = time.perf_counter() - start
+  return compiled, state, batch, compile_s, compiled_flops(compiled)
+
+
+def bench_train_step(config, windows: int, calls: int,
+                     compiler_options=None):
+  """(median examples/s, all windows, facts of the compiled step)."""
+  compiled, state, batch, compile_s, flops = compiled_step(config,
+                                                           compiler_options)
+  one_step = _timed_steps(compiled, state, lambda: batch)
+  one_step()  # Warm-up.
+  rate, rates = _median_rate(one_step, config.batch_size, windows, calls)
+  return rate, rates, {"compile_seconds": compile_s,
+                       "compiled_flops_per_step": flops}
 
 
 def bench_train_loop(config, windows: int, calls: int):
@@ -193,32 +341,67 @@ def bench_pipeline(config, windows: int, calls: int):
 
 
 def main_step():
-  path, _, arg = _CONFIG.value.partition(":")
-  config = config_lib.load_config_file(path, arg or None)
-  step_rate, step_all = bench_train_step(config, _WINDOWS.value, _STEPS.value)
-  data_rate, data_all = bench_pipeline(config, _WINDOWS.value, _STEPS.value)
-  loop_rate, loop_all = bench_train_loop(config, _WINDOWS.value, _STEPS.value)
+  config = with_overrides(
+      step_config(_MODEL.value, _CONFIG.value, _BATCH.value),
+      parse_overrides(_SET.value))
+  options = json.loads(_XLA_OPTIONS.value) if _XLA_OPTIONS.value else None
+  name = _MODEL.value or _CONFIG.value
+  loop = _LOOP.value if _LOOP.value is not None else _MODEL.value != "b32"
+  n = config.batch_size
+  peak = matmul_peak_flops(_PEAK_N.value)
+  step_rate, step_all, facts = bench_train_step(config, _WINDOWS.value,
+                                                _STEPS.value, options)
+  peak_after = matmul_peak_flops(_PEAK_N.value)
+  analytic = flops_lib.config_train_flops_per_example(config.model, n)
+  per_example = analytic["total"]
+  compiled_per_example = facts["compiled_flops_per_step"] / n
+  achieved = per_example * step_rate
+  peak = statistics.median([peak, peak_after])
   result = {
-      "config": _CONFIG.value, "devices": jax.device_count(),
-      "batch_size": config.batch_size,
+      "model": name, "batch_size": n, "machine": machine_description(),
+      "overrides": _SET.value, "xla_options": options or {},
+      "load_average_1min": os.getloadavg()[0],
       "train_step_examples_per_sec": step_rate,
       "train_step_windows": step_all,
-      "pipeline_examples_per_sec": data_rate,
-      "pipeline_windows": data_all,
-      "pipeline_over_step": data_rate / step_rate,
-      "train_loop_examples_per_sec": loop_rate,
-      "train_loop_windows": loop_all,
-      "input_share_of_loop_time": 1 - loop_rate / step_rate,
-      "worker_count": config.data.worker_count,
+      "compile_seconds": facts["compile_seconds"],
+      "flops_per_example_analytic": per_example,
+      "flops_per_example_analytic_parts": analytic,
+      "flops_per_example_compiled": compiled_per_example,
+      "achieved_flops_per_sec": achieved,
+      "matmul_peak_flops_per_sec": peak, "matmul_peak_n": _PEAK_N.value,
+      "fraction_of_matmul_peak": achieved / peak,
   }
+  print(f"{name}, batch {n}, {jax.device_count()} device(s), "
+        f"{machine_description()['cpus_usable']} usable cores")
   print(f"train step: {step_rate:8.1f} examples/s (median of "
-        f"{_WINDOWS.value} windows)")
-  print(f"pipeline:   {data_rate:8.1f} examples/s "
-        f"(worker_count={config.data.worker_count})")
-  print(f"pipeline / step = {data_rate / step_rate:.2f} (target >= 2)")
-  print(f"train loop: {loop_rate:8.1f} examples/s (step fed by the "
-        f"pipeline on the same cores: the input costs "
-        f"{100 * (1 - loop_rate / step_rate):.0f}% of the loop's time)")
+        f"{_WINDOWS.value} windows of {_STEPS.value} steps; compile "
+        f"{facts['compile_seconds']:.1f} s)")
+  print(f"model FLOPs/example: {per_example / 1e9:.4g} G analytic (matmuls), "
+        f"{compiled_per_example / 1e9:.4g} G compiled cost analysis "
+        f"(x{compiled_per_example / per_example:.3f})")
+  print(f"achieved {achieved / 1e9:.1f} GFLOP/s = "
+        f"{100 * achieved / peak:.0f}% of the matmul peak "
+        f"{peak / 1e9:.1f} GFLOP/s ([{_PEAK_N.value}]^2 jnp.dot, timed "
+        "before and after)")
+  if loop:
+    data_rate, data_all = bench_pipeline(config, _WINDOWS.value, _STEPS.value)
+    loop_rate, loop_all = bench_train_loop(config, _WINDOWS.value,
+                                           _STEPS.value)
+    result.update({
+        "pipeline_examples_per_sec": data_rate,
+        "pipeline_windows": data_all,
+        "pipeline_over_step": data_rate / step_rate,
+        "train_loop_examples_per_sec": loop_rate,
+        "train_loop_windows": loop_all,
+        "input_share_of_loop_time": 1 - loop_rate / step_rate,
+        "worker_count": config.data.worker_count,
+    })
+    print(f"pipeline:   {data_rate:8.1f} examples/s "
+          f"(worker_count={config.data.worker_count})")
+    print(f"pipeline / step = {data_rate / step_rate:.2f} (target >= 2)")
+    print(f"train loop: {loop_rate:8.1f} examples/s (step fed by the "
+          f"pipeline on the same cores: the input costs "
+          f"{100 * (1 - loop_rate / step_rate):.0f}% of the loop's time)")
   _write_json(result, _OUT.value or "runs/bench.json")
 
 
@@ -592,8 +775,115 @@ def main_memory():
                "variants": rows}, _OUT.value or "runs/bench_memory.json")
 
 
-COMMANDS = {"step": main_step, "loss": main_loss, "step32k": main_step32k,
-            "memory": main_memory}
+def main_ab():
+  """Variants of one model's train step, alternated in one process.
+
+  Each variant (config overrides and/or XLA compile options) is compiled
+  once; then every round times one window of --steps_per_window steps of
+  each, in turn. Prints the median of the per-round ratios to the first
+  variant: on a shared machine, the figure to trust.
+  """
+  variants = json.loads(_AB.value or '{"base": {}}')
+  base_config = step_config(_MODEL.value, _CONFIG.value, _BATCH.value)
+  n, steps = base_config.batch_size, _STEPS.value
+  runs = {}
+  for label, spec in variants.items():
+    config = with_overrides(base_config, spec.get("set", {}))
+    compiled, state, batch, compile_s, _ = compiled_step(config,
+                                                         spec.get("xla"))
+    runs[label] = _timed_steps(compiled, state, lambda b=batch: b)
+    runs[label]()  # Warm-up.
+    print(f"{label}: compiled in {compile_s:.1f} s", flush=True)
+  rates = {label: [] for label in runs}
+  for r in range(_ROUNDS.value):
+    for label, one_step in runs.items():
+      rates[label].append(_median_rate(one_step, n, 1, steps)[0])
+    print(f"round {r + 1}: " + ", ".join(
+        f"{k} {v[-1]:.1f}" for k, v in rates.items()) + f" ex/s (load "
+          f"{os.getloadavg()[0]:.1f})", flush=True)
+  base = next(iter(runs))
+  result = {"model": _MODEL.value or _CONFIG.value, "batch_size": n,
+            "machine": machine_description(), "variants": variants,
+            "rates": rates, "ratio_median": {}}
+  for label in runs:
+    ratios = [a / b for a, b in zip(rates[label], rates[base])]
+    result["ratio_median"][label] = statistics.median(ratios)
+    print(f"{label:<16} median {statistics.median(rates[label]):8.1f} ex/s, "
+          f"x{statistics.median(ratios):.3f} vs {base} (rounds "
+          f"{', '.join(f'{x:.2f}' for x in ratios)})")
+  _write_json(result, _OUT.value or "runs/bench_ab.json")
+
+
+_FUSION_CALL = re.compile(r"calls=%?([\w.\-]+)")
+_OP = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)\s+([\w\-]+)\(")
+_HEAVY_OPS = ("dot", "convolution", "transpose", "reduce", "gather",
+              "scatter")
+
+
+def thunk_categories(hlo: str) -> dict[str, str]:
+  """{instruction name: category} for the entry's fusions and ops.
+
+  A fusion's category is the heaviest op inside it (_HEAVY_OPS order),
+  else 'elementwise'.
+  """
+  bodies, entry = hlo_lib._computations(hlo)  # pylint: disable=protected-access
+  categories = {}
+  for line in bodies.get(entry, ()):
+    match = _OP.match(line)
+    if not match:
+      continue
+    name, _, op = match.groups()
+    ops = {op}
+    call = _FUSION_CALL.search(line)
+    if op == "fusion" and call:
+      ops = {m.group(3) for m in map(_OP.match, bodies.get(call.group(1), ()))
+             if m}
+    categories[name] = next((h for h in _HEAVY_OPS if h in ops),
+                            "elementwise")
+  return categories
+
+
+def main_profile():
+  """Time shares of the compiled step by op category (jax.profiler)."""
+  import collections  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  config = with_overrides(
+      step_config(_MODEL.value, _CONFIG.value, _BATCH.value),
+      parse_overrides(_SET.value))
+  options = json.loads(_XLA_OPTIONS.value) if _XLA_OPTIONS.value else None
+  compiled, state, batch, _, _ = compiled_step(config, options)
+  one_step = _timed_steps(compiled, state, lambda: batch)
+  one_step()
+  categories = thunk_categories(compiled.as_text())
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+      for _ in range(_STEPS.value):
+        one_step()
+    path = glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)[0]
+    with gzip.open(path) as f:
+      events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  totals = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e["name"] in categories:
+      totals[categories[e["name"]]] += e.get("dur", 0)
+  total = sum(totals.values())
+  print(f"{_MODEL.value or _CONFIG.value}, batch {config.batch_size}: thunk "
+        f"time by op ({_STEPS.value} steps; thunks may overlap)")
+  for kind, micros in totals.most_common():
+    print(f"  {kind:<12} {100 * micros / total:5.1f}%  "
+          f"{micros / 1e3 / _STEPS.value:9.1f} ms/step")
+  _write_json({"model": _MODEL.value or _CONFIG.value,
+               "batch_size": config.batch_size,
+               "ms_per_step": {k: v / 1e3 / _STEPS.value
+                               for k, v in totals.items()}},
+              _OUT.value or "runs/bench_profile.json")
+
+
+COMMANDS = {"step": main_step, "ab": main_ab, "profile": main_profile,
+            "loss": main_loss, "step32k": main_step32k, "memory": main_memory}
 
 
 def main(argv):

@@ -84,6 +84,69 @@ def attention(heads: int, dtype, name: str) -> nn.MultiHeadDotProductAttention:
       num_heads=heads, dtype=dtype, force_fp32_for_softmax=True, name=name)
 
 
+# Self-attention formulations (config.model.attention); same params, same
+# outputs up to float32 rounding:
+#   'flax'       flax's MultiHeadDotProductAttention: q, k and v from three
+#                [width] -> [heads, head_dim] matmuls;
+#   'fused_qkv'  one [width] -> [3, heads, head_dim] matmul against the three
+#                kernels concatenated in the forward pass (one bigger matmul
+#                instead of three small ones, in the backward pass too), then
+#                flax's own dot_product_attention and output projection.
+ATTENTIONS = ("flax", "fused_qkv")
+
+
+def check_attention(name: str) -> str:
+  if name not in ATTENTIONS:
+    raise ValueError(f"config.model.attention={name!r} is not one of "
+                     f"{ATTENTIONS}.")
+  return name
+
+
+class FusedQKVSelfAttention(nn.Module):
+  """Self-attention with flax MultiHeadDotProductAttention's params.
+
+  The param tree is flax's (query / key / value kernels [width, heads,
+  head_dim] and biases [heads, head_dim], out kernel [heads, head_dim,
+  width] and bias [width]), created by the same DenseGeneral modules under
+  the same names, so initialisation draws the same values. The forward pass
+  stacks the three kernels into one [width, 3, heads, head_dim] matmul; the
+  rest (scaling, mask, float32 softmax, output projection) is flax's code.
+  """
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    width = x.shape[-1]
+    head_dim = width // self.num_heads
+    names = ("query", "key", "value")
+    if self.is_initializing():  # Create the params as flax's module does.
+      for name in names:
+        nn.DenseGeneral(features=(self.num_heads, head_dim), axis=-1,
+                        dtype=self.dtype, name=name)(x)
+    params = self.variables["params"]
+    kernel = jnp.stack([params[n]["kernel"] for n in names], axis=1)
+    bias = jnp.stack([params[n]["bias"] for n in names], axis=0)
+    x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+    # [..., T, width] x [width, 3, H, D] -> [..., T, 3, H, D], as DenseGeneral.
+    qkv = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    qkv = qkv + bias
+    query, key, value = (qkv[..., i, :, :] for i in range(3))
+    y = nn.dot_product_attention(query, key, value, mask=mask,
+                                 dtype=self.dtype, deterministic=True,
+                                 force_fp32_for_softmax=True)
+    return nn.DenseGeneral(features=width, axis=(-2, -1), dtype=self.dtype,
+                           name="out")(y)
+
+
+def self_attention(kind: str, heads: int, dtype, name: str):
+  """A self-attention module, called as module(x, mask)."""
+  if check_attention(kind) == "fused_qkv":
+    return FusedQKVSelfAttention(heads, dtype, name=name)
+  mha = attention(heads, dtype, name)
+  return lambda x, mask=None: mha(x, x, mask=mask)
+
+
 def resolve_variant(tower_config, variants: dict, tower: str) -> dict:
   """Named size, with explicit keys in the config taking precedence."""
   if tower_config.variant not in variants:
@@ -124,11 +187,13 @@ class EncoderBlock(nn.Module):
   heads: int
   activation: str
   dtype: Any
+  attention: str = "flax"  # An ATTENTIONS name.
 
   @nn.compact
   def __call__(self, x, mask=None):
     y = layer_norm(self.dtype, "ln1")(x)
-    y = attention(self.heads, self.dtype, "attn")(y, y, mask=mask)
+    y = self_attention(self.attention, self.heads, self.dtype, "attn")(
+        y, mask)
     x = x + y
     y = layer_norm(self.dtype, "ln2")(x)
     y = MlpBlock(self.mlp_dim, self.activation, self.dtype, name="mlp")(y)
@@ -141,11 +206,12 @@ class _ScanBlock(nn.Module):
   heads: int
   activation: str
   dtype: Any
+  attention: str = "flax"
 
   @nn.compact
   def __call__(self, x, mask):
     x = EncoderBlock(self.mlp_dim, self.heads, self.activation, self.dtype,
-                     name="block")(x, mask)
+                     self.attention, name="block")(x, mask)
     return x, None
 
 
@@ -162,6 +228,7 @@ class Encoder(nn.Module):
   dtype: Any
   remat_policy: str = "none"  # A REMAT_POLICIES name.
   scan: bool = False
+  attention: str = "flax"  # An ATTENTIONS name.
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -172,10 +239,10 @@ class Encoder(nn.Module):
           block, variable_axes={"params": 0}, split_rngs={"params": True},
           in_axes=nn.broadcast, length=self.depth)(
               self.mlp_dim, self.heads, self.activation, self.dtype,
-              name="blocks")(x, mask)
+              self.attention, name="blocks")(x, mask)
       return x
     block = remat_block(EncoderBlock, self.remat_policy)
     for i in range(self.depth):
       x = block(self.mlp_dim, self.heads, self.activation, self.dtype,
-                name=f"block{i}")(x, mask)
+                self.attention, name=f"block{i}")(x, mask)
     return x

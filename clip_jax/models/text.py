@@ -75,6 +75,7 @@ class TextTransformer(nn.Module):
   dtype: Any = jnp.float32
   remat_policy: str = "none"  # common.REMAT_POLICIES name.
   scan: bool = False
+  attention: str = "flax"  # common.ATTENTIONS name.
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False):
@@ -97,7 +98,7 @@ class TextTransformer(nn.Module):
       mask = nn.combine_masks(mask, nn.make_causal_mask(tokens))
     x = common.Encoder(self.depth, self.mlp_dim, self.heads, self.activation,
                        self.dtype, self.remat_policy, self.scan,
-                       name="encoder")(
+                       self.attention, name="encoder")(
                            x, mask)
     x = common.layer_norm(self.dtype, "ln_final")(x)
     return pool_tokens(x, tokens, self.pool, eos_id=self.eos_id,
@@ -105,7 +106,7 @@ class TextTransformer(nn.Module):
 
 
 def build(text_config, *, activation, dtype, remat_policy,
-          scan) -> TextTransformer:
+          scan, attention="flax") -> TextTransformer:
   dims = common.resolve_variant(text_config, VARIANTS, "text")
   if text_config.pool not in POOLS:
     raise ValueError(
@@ -119,4 +120,4 @@ def build(text_config, *, activation, dtype, remat_policy,
       context_length=text_config.context_length, pool=text_config.pool,
       causal=text_config.causal, eos_id=text_config.eos_id,
       pad_id=text_config.pad_id, activation=activation, dtype=dtype,
-      remat_policy=remat_policy, scan=scan)
+      remat_policy=remat_policy, scan=scan, attention=attention)

@@ -26,6 +26,12 @@ Model config keys (`config.model`):
                     Optional; default: from `remat`.
   remat             the older boolean: True = remat_policy 'full'. Setting
                     remat=True with remat_policy='none' is an error.
+  attention         optional: how self-attention is computed, a
+                    common.ATTENTIONS name: 'flax' (flax's
+                    MultiHeadDotProductAttention) or 'fused_qkv' (one
+                    matmul for q, k, v against the same three kernels).
+                    Same params and outputs (up to float32 rounding).
+                    Default DEFAULT_ATTENTION.
   scan              nn.scan over the blocks: params of block i are row i of
                     one stacked 'encoder/blocks/block' subtree instead of
                     'encoder/block{i}'; same outputs for the same weights.
@@ -66,6 +72,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from clip_jax.models import common, text, vit
+
+DEFAULT_ATTENTION = "flax"
 
 
 def l2_normalize(x, eps: float = 1e-12):
@@ -148,7 +156,9 @@ def build_model(model_config, *, pixel_mean=None,
   common.get_activation(model_config.activation)
   shared = dict(activation=model_config.activation, dtype=dtype,
                 remat_policy=remat_policy(model_config),
-                scan=model_config.scan)
+                scan=model_config.scan,
+                attention=common.check_attention(
+                    model_config.get("attention", DEFAULT_ATTENTION)))
   if model_config.embed_dim <= 0:
     raise ValueError(
         f"config.model.embed_dim={model_config.embed_dim} must be > 0.")

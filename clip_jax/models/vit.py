@@ -74,6 +74,7 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   remat_policy: str = "none"  # common.REMAT_POLICIES name.
   scan: bool = False
+  attention: str = "flax"  # common.ATTENTIONS name.
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -101,7 +102,7 @@ class ViT(nn.Module):
       x = common.layer_norm(self.dtype, "ln_pre")(x)
     x = common.Encoder(self.depth, self.mlp_dim, self.heads, self.activation,
                        self.dtype, self.remat_policy, self.scan,
-                       name="encoder")(x)
+                       self.attention, name="encoder")(x)
     x = common.layer_norm(self.dtype, "ln_post")(x)
     if self.pool == "cls":
       return x[:, 0]
@@ -110,7 +111,7 @@ class ViT(nn.Module):
 
 
 def build(image_config, *, activation, dtype, remat_policy,
-          scan) -> ViT:
+          scan, attention="flax") -> ViT:
   dims = common.resolve_variant(image_config, VARIANTS, "image")
   if image_config.pool not in POOLS:
     raise ValueError(
@@ -123,4 +124,4 @@ def build(image_config, *, activation, dtype, remat_policy,
              pool=image_config.pool,
              ln_pre=bool(image_config.get("ln_pre", True)),
              activation=activation, dtype=dtype, remat_policy=remat_policy,
-             scan=scan)
+             scan=scan, attention=attention)
