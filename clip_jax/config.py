@@ -167,11 +167,16 @@ MODEL_KEYS = {
     "dtype": (str,), "activation": (str,), "remat": (bool,),
     "remat_policy": (str, None),
     "scan": (bool,),
+    # Optional, for converted checkpoints (HF / open_clip / SigLIP).
+    "ln_eps": (float, None), "image_projection": (bool, None),
+    "text_projection_bias": (bool, None),
     "image": {"variant": (str,), "image_size": (int,), "pool": (str,),
-              "ln_pre": (bool, None), "patch_size": (int, None), **_TOWER_DIMS},
+              "ln_pre": (bool, None), "patch_size": (int, None),
+              "patch_bias": (bool, None), **_TOWER_DIMS},
     "text": {"variant": (str,), "vocab_size": (int,),
              "context_length": (int,), "pool": (str,), "causal": (bool,),
-             "eos_id": (int,), "pad_id": (int,), **_TOWER_DIMS},
+             "eos_id": (int,), "pad_id": (int,), "mask_pad": (bool, None),
+             **_TOWER_DIMS},
 }
 # Keys whose default's type is narrower than what they accept.
 _WIDER_TYPES = {"data.caption_templates": (str, list, tuple, None),
