@@ -403,6 +403,10 @@ def _check_data(config, **_) -> None:
     raise ValueError(
         f"config.data.random_resized_crop={crop!r}: expected (min, max) "
         "area fractions with 0 < min <= max, or None (no crop).")
+  from clip_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  resize = data.get("eval_resize") or "center_square"
+  if resize not in transforms.EVAL_RESIZES:
+    raise _not_one_of("data.eval_resize", resize, transforms.EVAL_RESIZES)
   for key in ("mean", "std"):
     value = tuple(data[key])
     if len(value) != 3 or (key == "std" and min(value) <= 0):

@@ -65,9 +65,9 @@ config.data.mean / std); a model built without them refuses uint8.
 Params: {'img': ViT, 'txt': TextTransformer, 'img_proj', 'txt_proj'
 (Dense from each tower's width to embed_dim, kept outside the towers;
 bias-free unless text_projection_bias; no img_proj if not
-image_projection), 'logit_scale' (float32 scalar, log of the scale), 'logit_bias'
-(float32 scalar, only when logit_bias_init is set)}. With the CLIP variants
-the parameter count equals OpenAI CLIP's (ViT-B/32: 151,277,313).
+image_projection), 'logit_scale' (float32 scalar, log of the scale),
+'logit_bias' (float32 scalar, only when logit_bias_init is set)}. With the
+CLIP variants the parameter count equals OpenAI CLIP's (ViT-B/32: 151,277,313).
 """
 
 from __future__ import annotations

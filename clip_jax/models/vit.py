@@ -17,8 +17,9 @@ Config (`config.model.image`):
   patch_bias  optional, default False (CLIP): a bias on the patch
               embedding (SigLIP has one: param patch_embed/bias [width]).
 
-Params: patch_embed/kernel [p, p, 3, width] (and bias), cls [width] (pool='cls'),
-pos_embed [tokens, width], ln_pre, encoder/..., ln_post, map_head/...
+Params: patch_embed/kernel [p, p, 3, width] (and bias), cls [width]
+(pool='cls'), pos_embed [tokens, width], ln_pre, encoder/..., ln_post,
+map_head/...
 """
 
 from __future__ import annotations
