@@ -510,6 +510,27 @@ def read_hf_dir(path: str) -> tuple[dict, dict, dict | None]:
   return tensor_files.read_tensors(path), hf_config, preprocessor
 
 
+def _hf_preprocessing(preprocessor: dict) -> dict:
+  """config.data keys from a HF preprocessor_config.json: mean, std and
+  how the square is made (shortest edge + centre crop, or a squash)."""
+  data = {}
+  for key, hf_key in (("mean", "image_mean"), ("std", "image_std")):
+    if hf_key in preprocessor:
+      data[key] = tuple(float(x) for x in preprocessor[hf_key])
+  size = preprocessor.get("size")
+  if isinstance(size, dict) and "shortest_edge" in size:
+    crop = preprocessor.get("crop_size") or {}
+    if preprocessor.get("do_center_crop", True) and crop.get(
+        "height", size["shortest_edge"]) != size["shortest_edge"]:
+      raise ValueError(
+          f"The preprocessor resizes to {size['shortest_edge']} and crops "
+          f"{crop}: clip_jax crops the size it resizes to (data.image_size).")
+    data["eval_resize"] = "shortest_side"
+  elif isinstance(size, dict) and "height" in size:
+    data["eval_resize"] = "squash"
+  return data
+
+
 def _open_clip_model_cfg(path: str) -> dict:
   """model_cfg of the open_clip_config.json beside the weights, or {}."""
   folder = path if os.path.isdir(path) else os.path.dirname(path)
@@ -555,9 +576,7 @@ def load_checkpoint(source: str, path: str, *, activation: str | None = None,
     tensors, hf_config, preprocessor = read_hf_dir(path)
     model, params, data = from_hf(tensors, hf_config)
     if preprocessor:
-      for key, hf_key in (("mean", "image_mean"), ("std", "image_std")):
-        if hf_key in preprocessor:
-          data[key] = tuple(preprocessor[hf_key])
+      data.update(_hf_preprocessing(preprocessor))
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     spiece = os.path.join(folder, "spiece.model")
     if "tokenizer" not in data and os.path.isfile(spiece):

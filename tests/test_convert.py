@@ -56,10 +56,12 @@ def assert_same(ours, ref):
     assert err <= TOL, f"{name}: max relative error {err:.2e}"
 
 
-def random_inputs(rng, batch, image_size, vocab, length, eos):
+def random_inputs(rng, batch, image_size, vocab, length, eos, pad_id=0):
   images = rng.normal(size=(batch, 3, image_size, image_size)).astype(
       np.float32)
-  tokens = rng.integers(3, eos, size=(batch, length))
+  # Ids from 0: OpenAI CLIP's pad id 0 is also a real token ("!").
+  tokens = rng.integers(0, eos, size=(batch, length))
+  tokens[:, 1] = pad_id  # The pad id inside a text: attended, not masked.
   ends = rng.integers(2, length, size=batch)  # EOS, then zero padding.
   for row, end in enumerate(ends):
     tokens[row, end] = eos
@@ -90,7 +92,7 @@ def test_hf_clip_round_trip(tmp_path, eos_id):
   ref.save_pretrained(tmp_path / "hf")
   convert.convert("hf", str(tmp_path / "hf"), str(tmp_path / "run"))
   rng = np.random.default_rng(0)
-  images, tokens = random_inputs(rng, 3, 32, 99, 12, eos=98)
+  images, tokens = random_inputs(rng, 3, 32, 99, 12, eos=98, pad_id=1)
   if eos_id == 2:  # argmax pooling: the highest id marks the end.
     tokens = np.where(tokens == 98, 98, np.minimum(tokens, 90))
   expected = hf_outputs(ref, images, tokens)
@@ -263,3 +265,93 @@ def test_preprocessing_matches_clip_image_processor():
         transforms.preprocess_image(pixels, 224, eval_resize="shortest_side"))
     np.testing.assert_allclose(np.transpose(ours, (2, 0, 1)), want,
                                atol=1e-5, err_msg=str(shape))
+
+
+def _saved_hf_clip(path, seed=0):
+  torch.manual_seed(seed)
+  ref = transformers.CLIPModel(small_clip_config(
+      eos_token_id=98, pad_token_id=1, bos_token_id=97)).eval()
+  ref.save_pretrained(path)
+  return ref
+
+
+def test_converted_run_is_evaluated_with_its_preprocessing(tmp_path):
+  """clip_jax.load on a converted HF directory (with its
+  preprocessor_config.json) embeds image files as HF does: the
+  preprocessing is part of the converted config."""
+  from PIL import Image
+  from transformers.models.clip.image_processing_pil_clip import (
+    CLIPImageProcessorPil,
+  )
+
+  import clip_jax
+  ref = _saved_hf_clip(tmp_path / "hf", seed=7)
+  processor = CLIPImageProcessorPil(
+      size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+      image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+  processor.save_pretrained(tmp_path / "hf")
+  config = convert.convert("hf", str(tmp_path / "hf"), str(tmp_path / "run"))
+  assert config.data.eval_resize == "shortest_side"
+  assert tuple(config.data.mean) == pytest.approx((0.4, 0.5, 0.6))
+  rng = np.random.default_rng(8)
+  paths = []
+  for i, shape in enumerate(((40, 57, 3), (70, 33, 3))):
+    paths.append(str(tmp_path / f"{i}.png"))
+    Image.fromarray(rng.integers(0, 256, shape, np.uint8)).save(paths[-1])
+  images = [Image.open(p) for p in paths]
+  pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+  with torch.no_grad():
+    want = ref.get_image_features(pixel_values=pixels)
+    want = getattr(want, "pooler_output", want)
+  want = (want / want.norm(dim=-1, keepdim=True)).numpy()
+  ours = clip_jax.load(str(tmp_path / "run")).encode_image(paths)
+  assert max_rel_err(ours, want) <= TOL
+
+
+def test_converted_run_fine_tunes_from_its_weights(tmp_path):
+  """clip_jax.train resumes a converted workdir at step 0 with a new
+  schedule: after two steps at a tiny learning rate the parameters are
+  still the converted ones (a fresh init would be far from them)."""
+  import jax
+
+  from clip_jax import config as config_lib
+  from clip_jax import train
+  _saved_hf_clip(tmp_path / "hf", seed=9)
+  run = str(tmp_path / "run")
+  convert.convert("hf", str(tmp_path / "hf"), run)
+  config = config_lib.load_config_file("configs/converted.py", run)
+  config.data.source = "synthetic"
+  config.batch_size, config.total_steps, config.warmup_steps = 8, 2, 0
+  config.lr, config.wd, config.checkpoint_every_steps = 1e-8, 0.0, 2
+  before = api.restore_params(config, run, 0)[1]
+  rng = np.random.default_rng(0)
+  batches = ({"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+              "text": rng.integers(2, 99, size=(8, 12)).astype(np.int32)}
+             for _ in range(10))
+  result = train.train(config, run, data=(batches, 1000),
+                       allow_config_change=True)
+  assert result.step == 2
+  after = api.restore_params(config, run, 2)[1]
+  diffs = jax.tree_util.tree_map(
+      lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+      before, after)
+  assert max(jax.tree_util.tree_leaves(diffs)) < 1e-6
+  assert max(jax.tree_util.tree_leaves(diffs)) > 0  # It did train.
+
+
+def test_command_line_round_trip(tmp_path, capsys):
+  ref = _saved_hf_clip(tmp_path / "hf", seed=10)
+  run, back = str(tmp_path / "run"), str(tmp_path / "back")
+  assert convert.main(["--from", "hf", "--in", str(tmp_path / "hf"),
+                       "--out", run]) == 0
+  assert convert.main(["--from", "hf", "--in", str(tmp_path / "hf"),
+                       "--out", run]) == 2  # Never overwrites a run.
+  assert "already holds a run" in capsys.readouterr().err
+  assert convert.main(["--to", "hf", "--in", run, "--out", back]) == 0
+  tensors = tensor_files.read_tensors(back)
+  for name, value in ref.state_dict().items():
+    if name in tensors:
+      np.testing.assert_allclose(tensors[name], value.numpy(), rtol=1e-6,
+                                 atol=1e-7, err_msg=name)
+  assert set(tensors) == {n for n in ref.state_dict()
+                          if not n.endswith("position_ids")}
