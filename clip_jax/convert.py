@@ -435,9 +435,10 @@ def _scalars_into_config(model: dict, params: dict) -> dict:
   """Init values equal to the converted ones (they only matter to
   validation: the params hold the values)."""
   scale = float(np.exp(params["logit_scale"]))
-  model = dict(model, logit_scale_init=scale,
-               logit_scale_max=100.0 if scale <= 100.0 + 1e-3 and
-               "logit_bias" not in params else None)
+  # CLIP's cap of 100 (OpenAI's final scale is 100 up to float rounding).
+  cap = 100.0 if scale <= 100.0 + 1e-3 and "logit_bias" not in params else None
+  model = dict(model, logit_scale_init=min(scale, cap or scale),
+               logit_scale_max=cap)
   if "logit_bias" in params:
     model["logit_bias_init"] = float(params["logit_bias"])
   return model
@@ -476,7 +477,9 @@ def write_workdir(config, params: dict, workdir: str) -> str:
   if os.path.exists(os.path.join(workdir, "checkpoints")) or os.path.exists(
       os.path.join(workdir, "config.json")):
     raise FileExistsError(f"{workdir} already holds a run; give a new --out.")
-  config_lib.validate(config, device_count=jax.device_count())
+  # One device: the batch's split over devices is the training run's
+  # concern (checked when it starts), not the checkpoint's.
+  config_lib.validate(config, device_count=1)
   model = two_towers.build_run_model(config)
   check_params_fit(model, config, params)
   params = jax.tree_util.tree_map(jnp.asarray, params)
@@ -578,7 +581,7 @@ def load_checkpoint(source: str, path: str, *, activation: str | None = None,
     if preprocessor:
       data.update(_hf_preprocessing(preprocessor))
     folder = path if os.path.isdir(path) else os.path.dirname(path)
-    spiece = os.path.join(folder, "spiece.model")
+    spiece = os.path.abspath(os.path.join(folder, "spiece.model"))
     if "tokenizer" not in data and os.path.isfile(spiece):
       data["tokenizer"] = spiece
     return model, params, data

@@ -202,6 +202,8 @@ def test_real_b32_architecture():
   import jax
   torch.manual_seed(4)
   ref = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).eval()
+  with torch.no_grad():  # OpenAI's trained value: the cap, 100, + rounding.
+    ref.logit_scale.fill_(4.60517025)
   tensors = {k: v.numpy() for k, v in ref.state_dict().items()}
   model, params, data = convert.from_openai(tensors)
   config = convert.make_config(convert._scalars_into_config(model, params),
@@ -355,3 +357,14 @@ def test_command_line_round_trip(tmp_path, capsys):
                                  atol=1e-7, err_msg=name)
   assert set(tensors) == {n for n in ref.state_dict()
                           if not n.endswith("position_ids")}
+
+
+def test_sharded_hf_weights_read_as_one(tmp_path):
+  ref = _saved_hf_clip(tmp_path / "one", seed=11)
+  ref.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+  assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+  sharded = tensor_files.read_tensors(str(tmp_path / "sharded"))
+  whole = tensor_files.read_tensors(str(tmp_path / "one"))
+  assert sorted(sharded) == sorted(whole)
+  for name, value in whole.items():
+    np.testing.assert_array_equal(sharded[name], value, err_msg=name)
