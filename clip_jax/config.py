@@ -505,6 +505,7 @@ RESUMABLE_KEYS = (
     "keep_checkpoints", "max_consecutive_nonfinite",
     "data.worker_count", "data.read_threads", "data.prefetch",
     "data.cache_dir", "data.max_skip_fraction",
+    "data.eval_resize",  # Evaluation only (and absent from older runs).
 )
 MISSING = "<unset>"  # A key one of two configs does not have (in diffs).
 SEGMENTS_DIR = "configs"

@@ -368,3 +368,19 @@ def test_sharded_hf_weights_read_as_one(tmp_path):
   assert sorted(sharded) == sorted(whole)
   for name, value in whole.items():
     np.testing.assert_array_equal(sharded[name], value, err_msg=name)
+
+
+def test_runs_saved_before_eval_resize_still_resume():
+  """data.eval_resize is new: a stored config without it resumes without
+  --allow_config_change (it only changes evaluation)."""
+  import ml_collections
+
+  from clip_jax import config as config_lib
+  from clip_jax import train
+  new = config_lib.load_config_file("configs/clip.py", "tiny")
+  stored = new.to_dict()
+  del stored["data"]["eval_resize"]
+  message = train.check_resume(
+      new, ml_collections.ConfigDict(stored), workdir="w", step=1,
+      mismatches=[], allow_change=False, schedules=None)
+  assert "data.eval_resize" in message
