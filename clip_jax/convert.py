@@ -27,7 +27,8 @@ archives itself (with an unpickler that builds nothing but tensors).
 clip_jax.models.vit variant and names it in the config (else the dims are
 written out explicitly). --image_size S resizes the position embedding to
 another resolution (bicubic over the patch grid, as open_clip's
-resize_pos_embed does; the class token's row is kept).
+resize_pos_embed does; the class token's row is kept). --scan writes the
+blocks stacked for config.model.scan=True.
 
 The workdir written (the layout clip_jax.train writes):
   WORKDIR/config.json, config.txt, configs/segment_1_step_0.json
@@ -444,6 +445,33 @@ def _scalars_into_config(model: dict, params: dict) -> dict:
   return model
 
 
+def stack_blocks(params: dict) -> dict:
+  """Unscanned params (encoder/block{i}) -> the layout of model.scan=True
+  (encoder/blocks/block, each leaf with a leading [depth] axis)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  params = dict(params)
+  for tower in ("img", "txt"):
+    encoder = params[tower]["encoder"]
+    blocks = [encoder[f"block{i}"] for i in range(len(encoder))]
+    stacked = jax.tree_util.tree_map(lambda *x: np.stack(x), *blocks)
+    params[tower] = {**params[tower],
+                     "encoder": {"blocks": {"block": stacked}}}
+  return params
+
+
+def unstack_blocks(params: dict) -> dict:
+  """The inverse of stack_blocks."""
+  import jax  # pylint: disable=g-import-not-at-top
+  params = dict(params)
+  for tower in ("img", "txt"):
+    stacked = params[tower]["encoder"]["blocks"]["block"]
+    depth = len(jax.tree_util.tree_leaves(stacked)[0])
+    params[tower] = {**params[tower], "encoder": {
+        f"block{i}": jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+        for i in range(depth)}}
+  return params
+
+
 def check_params_fit(model, config, params) -> None:
   """Raises ValueError listing converted params the model does not have or
   whose shapes differ (and params the model has that were not converted)."""
@@ -547,8 +575,11 @@ def _open_clip_model_cfg(path: str) -> dict:
 def convert(source: str, path: str, workdir: str, *, arch: str | None = None,
             activation: str | None = None, image_size: int | None = None,
             tokenizer: str | None = None, image_heads: int | None = None,
-            text_heads: int | None = None):
-  """Converts a checkpoint into a new clip_jax workdir; returns its config."""
+            text_heads: int | None = None, scan: bool = False):
+  """Converts a checkpoint into a new clip_jax workdir; returns its config.
+
+  scan: write the blocks stacked for config.model.scan=True (one compiled
+  block body; what large models train with)."""
   model, params, data = load_checkpoint(
       source, path, activation=activation, image_heads=image_heads,
       text_heads=text_heads)
@@ -562,6 +593,9 @@ def convert(source: str, path: str, workdir: str, *, arch: str | None = None,
         extra_tokens=int("cls" in params["img"]))
   config = make_config(_scalars_into_config(model, params), data, arch=arch,
                        image_size=image_size, tokenizer=tokenizer)
+  if scan:
+    config.model.scan = True
+    params = stack_blocks(params)
   write_workdir(config, params, workdir)
   return config
 
@@ -619,8 +653,6 @@ def _check_exportable(mc) -> None:
     problems.append("text must be causal with 'eos' or 'argmax' pooling")
   if mc.activation not in ("quick_gelu", "gelu_exact", "gelu"):
     problems.append(f"activation {mc.activation!r}")
-  if mc.get("scan"):
-    problems.append("scan=True (stacked blocks) is not exported")
   if problems:
     raise ValueError("This model is not a CLIPModel: " + "; ".join(problems)
                      + ".")
@@ -724,6 +756,9 @@ def export_hf(workdir: str, out_dir: str, *, step: int | None = None) -> str:
   _check_exportable(config.model)
   hf_config = hf_config_of(config)
   _, params, _, _ = api.restore_params(config, workdir, step)
+  params = jax_to_numpy(params)
+  if config.model.get("scan"):
+    params = unstack_blocks(params)
   os.makedirs(out_dir, exist_ok=True)
   tensor_files.write_safetensors(os.path.join(out_dir, "model.safetensors"),
                                  to_hf_tensors(params, config.model))
@@ -763,6 +798,8 @@ def main(argv=None) -> int:
                       help="resize the position embedding to this size")
   parser.add_argument("--tokenizer", default=None,
                       help="config.data.tokenizer of the converted run")
+  parser.add_argument("--scan", action="store_true",
+                      help="write config.model.scan=True (stacked blocks)")
   parser.add_argument("--step", type=int, default=None,
                       help="--to hf: the checkpoint step (default latest)")
   args = parser.parse_args(argv)
@@ -776,7 +813,7 @@ def main(argv=None) -> int:
       convert(args.source, args.path, args.out, arch=args.arch,
               activation=args.activation, image_size=args.image_size,
               tokenizer=args.tokenizer, image_heads=args.image_heads,
-              text_heads=args.text_heads)
+              text_heads=args.text_heads, scan=args.scan)
       print(f"wrote {args.out} (config.json, checkpoints/0)")
   except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)

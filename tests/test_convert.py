@@ -384,3 +384,19 @@ def test_runs_saved_before_eval_resize_still_resume():
       new, ml_collections.ConfigDict(stored), workdir="w", step=1,
       mismatches=[], allow_change=False, schedules=None)
   assert "data.eval_resize" in message
+
+
+def test_scanned_conversion_same_outputs(tmp_path):
+  """--scan: the same model with stacked blocks (config.model.scan)."""
+  ref = _saved_hf_clip(tmp_path / "hf", seed=12)
+  convert.convert("hf", str(tmp_path / "hf"), str(tmp_path / "run"),
+                  scan=True)
+  config = api.load_run_config(str(tmp_path / "run"))
+  assert config.model.scan
+  rng = np.random.default_rng(12)
+  images, tokens = random_inputs(rng, 2, 32, 12, eos=98, pad_id=1)
+  expected = hf_outputs(ref, images, tokens)
+  assert_same(ours_outputs(str(tmp_path / "run"), images, tokens), expected)
+  convert.export_hf(str(tmp_path / "run"), str(tmp_path / "back"))
+  back = transformers.CLIPModel.from_pretrained(tmp_path / "back").eval()
+  assert_same(hf_outputs(back, images, tokens), expected)
