@@ -400,3 +400,14 @@ def test_scanned_conversion_same_outputs(tmp_path):
   convert.export_hf(str(tmp_path / "run"), str(tmp_path / "back"))
   back = transformers.CLIPModel.from_pretrained(tmp_path / "back").eval()
   assert_same(hf_outputs(back, images, tokens), expected)
+
+
+def test_no_image_projection_needs_embed_dim_equal_to_width():
+  from clip_jax import config as config_lib
+  from clip_jax.models import two_towers
+  config = config_lib.load_config_file("configs/clip.py", "tiny")
+  config.model.image_projection = False
+  with pytest.raises(ValueError, match="embed_dim equal to the image width"):
+    two_towers.build_model(config.model)
+  config.model.embed_dim = 32  # The 'mu' image tower's width.
+  two_towers.build_model(config.model)
