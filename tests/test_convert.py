@@ -407,6 +407,7 @@ def test_no_image_projection_needs_embed_dim_equal_to_width():
   from clip_jax.models import two_towers
   config = config_lib.load_config_file("configs/clip.py", "tiny")
   config.model.image_projection = False
+  config.model.embed_dim = 48
   with pytest.raises(ValueError, match="embed_dim equal to the image width"):
     two_towers.build_model(config.model)
   config.model.embed_dim = 32  # The 'mu' image tower's width.
