@@ -104,8 +104,9 @@ class Model:
     for image in _as_list(images):
       if isinstance(image, (str, os.PathLike)) and not os.path.isfile(image):
         raise FileNotFoundError(f"Image {os.fspath(image)!r} not found.")
-      pixels = transforms.preprocess_image(readers._read_image(image),  # pylint: disable=protected-access
-                                           data.image_size)
+      pixels = transforms.preprocess_image(
+          readers._read_image(image), data.image_size,  # pylint: disable=protected-access
+          eval_resize=data.get("eval_resize") or "center_square")
       out.append(transforms.normalize(pixels, tuple(data.mean),
                                       tuple(data.std)))
     return np.stack(out)

@@ -167,11 +167,16 @@ MODEL_KEYS = {
     "dtype": (str,), "activation": (str,), "remat": (bool,),
     "remat_policy": (str, None),
     "scan": (bool,),
+    # Optional, for converted checkpoints (HF / open_clip / SigLIP).
+    "ln_eps": (float, None), "image_projection": (bool, None),
+    "text_projection_bias": (bool, None),
     "image": {"variant": (str,), "image_size": (int,), "pool": (str,),
-              "ln_pre": (bool, None), "patch_size": (int, None), **_TOWER_DIMS},
+              "ln_pre": (bool, None), "patch_size": (int, None),
+              "patch_bias": (bool, None), **_TOWER_DIMS},
     "text": {"variant": (str,), "vocab_size": (int,),
              "context_length": (int,), "pool": (str,), "causal": (bool,),
-             "eos_id": (int,), "pad_id": (int,), **_TOWER_DIMS},
+             "eos_id": (int,), "pad_id": (int,), "mask_pad": (bool, None),
+             **_TOWER_DIMS},
 }
 # Keys whose default's type is narrower than what they accept.
 _WIDER_TYPES = {"data.caption_templates": (str, list, tuple, None),
@@ -427,6 +432,10 @@ def _check_data(config, **_) -> None:
     raise ValueError(
         f"config.data.random_resized_crop={crop!r}: expected (min, max) "
         "area fractions with 0 < min <= max, or None (no crop).")
+  from clip_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  resize = data.get("eval_resize") or "center_square"
+  if resize not in transforms.EVAL_RESIZES:
+    raise _not_one_of("data.eval_resize", resize, transforms.EVAL_RESIZES)
   for key in ("mean", "std"):
     value = tuple(data[key])
     if len(value) != 3 or (key == "std" and min(value) <= 0):
@@ -555,6 +564,7 @@ RESUMABLE_KEYS = (
     "data.cache_dir", "data.max_skip_fraction",
     # Read at step 0 only: a resumed run keeps its own checkpoint.
     "init",
+    "data.eval_resize",  # Evaluation only (and absent from older runs).
 )
 MISSING = "<unset>"  # A key one of two configs does not have (in diffs).
 SEGMENTS_DIR = "configs"

@@ -75,6 +75,12 @@ Data config keys (`config.data`, defaults in `default_data_config()`):
   synthetic_size    number of examples of source 'synthetic'.
   synthetic_seed    seed of the synthetic examples.
   image_size        side S of the square model input, px.
+  eval_resize       how evaluation makes the S x S input (transforms.
+                    EVAL_RESIZES): 'center_square' (centre square, resized;
+                    the default), 'shortest_side' (shorter side to S, then
+                    centre crop: OpenAI CLIP / HF CLIPImageProcessor),
+                    'squash' (whole image to S x S: SigLIP). Training's
+                    geometry does not use it.
   random_resized_crop  (min, max) area fraction of the training crop;
                     max > 1 also zooms out (a window larger than the image,
                     filled with its border colour); None = no crop (centre
@@ -178,6 +184,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       "class_name_caption": False,
       "caption_templates": config_dict.placeholder(str),
       "mean": transforms.CLIP_MEAN, "std": transforms.CLIP_STD,
+      "eval_resize": "center_square",
       "uint8_images": True,
       "tokenizer": "emoji", "vocab_size": 49408, "context_length": 77,
       "eos_policy": "eos", "lowercase": True,

@@ -339,17 +339,47 @@ def _reduced_jpeg_and_box(image, size, rng, crop_scale, decoder):
   return img, scaled, box_w
 
 
+# How evaluation (rng=None) makes a square image (config.data.eval_resize):
+#   center_square  crop the largest centred square, resize it (the default);
+#   shortest_side  resize the shorter side to S, then crop the centre S x S
+#                  (OpenAI CLIP's and HF CLIPImageProcessor's preprocessing);
+#   squash         resize the whole image to S x S (SigLIP's).
+EVAL_RESIZES = ("center_square", "shortest_side", "squash")
+
+
+def _eval_square(img: Image.Image, size: int, mode: str) -> np.ndarray:
+  """uint8 [size, size, 3] by one of EVAL_RESIZES other than the default."""
+  if mode == "squash":
+    return np.asarray(img.resize((size, size), Image.BICUBIC))
+  if mode != "shortest_side":
+    raise ValueError(f"config.data.eval_resize={mode!r} is not one of "
+                     f"{EVAL_RESIZES}.")
+  w, h = img.size
+  # The longer side as HF's get_resize_output_image_size rounds it (down).
+  new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+  if new != img.size:
+    img = img.resize(new, Image.BICUBIC)
+  left, top = (new[0] - size) // 2, (new[1] - size) // 2
+  return np.asarray(img.crop((left, top, left + size, top + size)))
+
+
 def augment_geometry(image, size: int, rng: np.random.Generator | None = None,
                      *, crop_scale=None, flip: bool = False,
-                     outline_prob: float = 0.0, jpeg_decoder: str = "pillow"):
+                     outline_prob: float = 0.0, jpeg_decoder: str = "pillow",
+                     eval_resize: str = "center_square"):
   """Decode -> (outline) -> crop (random, or centre square) -> resize ->
   (flip). Returns (uint8 [size, size, 3], output / source scale of the
-  crop). `rng=None` (evaluation) means no random crop, outline or flip.
+  crop). `rng=None` (evaluation) means no random crop, outline or flip,
+  and the square is made as `eval_resize` says (EVAL_RESIZES).
 
   jpeg_decoder (JPEG bytes only): 'pillow' decodes at full size;
   'pillow_draft' / 'simplejpeg' draw the crop from the header's size and
   decode at the smallest DCT scale that keeps the crop >= size px a side
   (the same crops; pixels differ by resampling only)."""
+  if rng is None and eval_resize != "center_square":
+    img = decode(image)
+    pixels = _eval_square(img, size, eval_resize)
+    return np.ascontiguousarray(pixels), size / min(img.size)
   if jpeg_decoder != "pillow" and _is_jpeg(image):
     img, box, source_width = _reduced_jpeg_and_box(image, size, rng,
                                                    crop_scale, jpeg_decoder)
@@ -374,14 +404,16 @@ def augment_geometry(image, size: int, rng: np.random.Generator | None = None,
 def preprocess_image(image, size: int, rng: np.random.Generator | None = None,
                      *, crop_scale=None, flip: bool = False,
                      style_strength: float = 0.0,
-                     outline_prob: float = 0.0) -> np.ndarray:
+                     outline_prob: float = 0.0,
+                     eval_resize: str = "center_square") -> np.ndarray:
   """augment_geometry, then (style): uint8 [size, size, 3].
 
   One image at a time; the training pipeline makes the same draws from the
   same rng but applies the style to whole batches (apply_style).
   """
   pixels, scale = augment_geometry(image, size, rng, crop_scale=crop_scale,
-                                   flip=flip, outline_prob=outline_prob)
+                                   flip=flip, outline_prob=outline_prob,
+                                   eval_resize=eval_resize)
   if rng is not None and style_strength > 0:
     style = draw_style(rng, style_strength, blur_scale=scale)
     pixels = apply_style(pixels[None], style[None])[0]

@@ -279,10 +279,12 @@ def make_batches_fn(data_config, *, batch_size: int = 256,
         raise ValueError(f"Eval dataset {_as_dict(dataset)} has no split.")
       source = sources.get_source(cfg, cfg.split)
     size, mean, std = cfg.image_size, tuple(cfg.mean), tuple(cfg.std)
+    resize = cfg.get("eval_resize") or "center_square"
 
     def preprocess(image):
-      return transforms.normalize(transforms.preprocess_image(image, size),
-                                  mean, std)
+      return transforms.normalize(
+          transforms.preprocess_image(image, size, eval_resize=resize),
+          mean, std)
 
     return EvalData(source, preprocess, batch_size, captions=captions,
                     num_threads=num_threads, rows=rows,

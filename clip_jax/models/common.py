@@ -5,7 +5,8 @@ compute dtype of matmuls and activations. LayerNorm statistics and the
 attention softmax are always computed in float32 (flax's
 `force_float32_reductions` / `force_fp32_for_softmax`). LayerNorm epsilon is
 1e-5, PyTorch's default, as in OpenAI CLIP and open_clip (so their weights
-can be loaded and reproduce their outputs).
+can be loaded and reproduce their outputs); config.model.ln_eps changes it
+(SigLIP: 1e-6).
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ def remat_block(block, policy_name: str, **kwargs):
   return nn.remat(block, policy=REMAT_POLICIES[policy_name], **kwargs)
 
 
-def layer_norm(dtype, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, name=name)
+def layer_norm(dtype, name: str, eps: float = LN_EPS) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name)
 
 
 def attention(heads: int, dtype, name: str) -> nn.MultiHeadDotProductAttention:
@@ -188,14 +189,15 @@ class EncoderBlock(nn.Module):
   activation: str
   dtype: Any
   attention: str = "flax"  # An ATTENTIONS name.
+  ln_eps: float = LN_EPS  # SigLIP: 1e-6.
 
   @nn.compact
   def __call__(self, x, mask=None):
-    y = layer_norm(self.dtype, "ln1")(x)
+    y = layer_norm(self.dtype, "ln1", self.ln_eps)(x)
     y = self_attention(self.attention, self.heads, self.dtype, "attn")(
         y, mask)
     x = x + y
-    y = layer_norm(self.dtype, "ln2")(x)
+    y = layer_norm(self.dtype, "ln2", self.ln_eps)(x)
     y = MlpBlock(self.mlp_dim, self.activation, self.dtype, name="mlp")(y)
     return x + y
 
@@ -207,11 +209,12 @@ class _ScanBlock(nn.Module):
   activation: str
   dtype: Any
   attention: str = "flax"
+  ln_eps: float = LN_EPS
 
   @nn.compact
   def __call__(self, x, mask):
     x = EncoderBlock(self.mlp_dim, self.heads, self.activation, self.dtype,
-                     self.attention, name="block")(x, mask)
+                     self.attention, self.ln_eps, name="block")(x, mask)
     return x, None
 
 
@@ -229,6 +232,7 @@ class Encoder(nn.Module):
   remat_policy: str = "none"  # A REMAT_POLICIES name.
   scan: bool = False
   attention: str = "flax"  # An ATTENTIONS name.
+  ln_eps: float = LN_EPS
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -239,10 +243,10 @@ class Encoder(nn.Module):
           block, variable_axes={"params": 0}, split_rngs={"params": True},
           in_axes=nn.broadcast, length=self.depth)(
               self.mlp_dim, self.heads, self.activation, self.dtype,
-              self.attention, name="blocks")(x, mask)
+              self.attention, self.ln_eps, name="blocks")(x, mask)
       return x
     block = remat_block(EncoderBlock, self.remat_policy)
     for i in range(self.depth):
       x = block(self.mlp_dim, self.heads, self.activation, self.dtype,
-                self.attention, name=f"block{i}")(x, mask)
+                self.attention, self.ln_eps, name=f"block{i}")(x, mask)
     return x

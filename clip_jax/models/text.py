@@ -3,11 +3,15 @@
 Matches OpenAI CLIP's text tower (token + learned position embedding, causal
 attention, final LayerNorm, feature at the EOS token). Pooling options:
   eos    the first position holding `eos_id` (the last position if none);
+  argmax the first position holding the highest token id (OpenAI CLIP and
+         open_clip: their EOS is the highest id of the vocabulary);
   last   the last position (the tokenizer then repeats EOS to the end);
   first  position 0;
   mean   the mean over non-pad positions.
 Pad keys (token == pad_id) are masked out of attention, causal or not, so
-the outputs at real tokens do not depend on how much padding follows.
+the outputs at real tokens do not depend on how much padding follows;
+mask_pad=False attends to every key, as OpenAI CLIP (whose pad id 0 is
+also the token '!'), HF CLIP without an attention mask, and SigLIP do.
 
 Config (`config.model.text`):
   variant         a VARIANTS name; width / depth / mlp_dim / heads keys, when
@@ -18,6 +22,7 @@ Config (`config.model.text`):
   pool            one of POOLS (above).
   causal          causal self-attention (CLIP: True; SigLIP: False).
   eos_id, pad_id  the tokenizer's ids (clip_jax.data.tokenizer: 1 and 0).
+  mask_pad        optional, default True: mask pad keys out of attention.
 
 Params: token_embed/embedding [vocab, width], pos_embed [context, width],
 encoder/..., ln_final.
@@ -39,7 +44,7 @@ VARIANTS = {
     "base": dict(width=512, depth=12, mlp_dim=2048, heads=8),
     "large": dict(width=768, depth=12, mlp_dim=3072, heads=12),
 }
-POOLS = ("eos", "last", "first", "mean")
+POOLS = ("eos", "last", "first", "mean", "argmax")
 
 
 def pool_tokens(x, tokens, pool: str, *, eos_id: int, pad_id: int):
@@ -52,6 +57,9 @@ def pool_tokens(x, tokens, pool: str, *, eos_id: int, pad_id: int):
     is_eos = tokens == eos_id
     index = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1),
                       tokens.shape[1] - 1)
+    return jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
+  if pool == "argmax":
+    index = jnp.argmax(tokens, axis=1)
     return jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
   if pool == "mean":
     keep = (tokens != pad_id)[..., None].astype(x.dtype)
@@ -71,6 +79,8 @@ class TextTransformer(nn.Module):
   causal: bool = True
   eos_id: int = 1
   pad_id: int = 0
+  mask_pad: bool = True
+  ln_eps: float = common.LN_EPS
   activation: str = "quick_gelu"
   dtype: Any = jnp.float32
   remat_policy: str = "none"  # common.REMAT_POLICIES name.
@@ -92,21 +102,23 @@ class TextTransformer(nn.Module):
     pos = self.param("pos_embed", nn.initializers.normal(0.01),
                      (self.context_length, self.width))
     x = x + pos[:length].astype(self.dtype)
-    mask = nn.make_attention_mask(jnp.ones_like(tokens, bool),
-                                  tokens != self.pad_id)
+    mask = None
+    if self.mask_pad:
+      mask = nn.make_attention_mask(jnp.ones_like(tokens, bool),
+                                    tokens != self.pad_id)
     if self.causal:
       mask = nn.combine_masks(mask, nn.make_causal_mask(tokens))
     x = common.Encoder(self.depth, self.mlp_dim, self.heads, self.activation,
                        self.dtype, self.remat_policy, self.scan,
-                       self.attention, name="encoder")(
+                       self.attention, self.ln_eps, name="encoder")(
                            x, mask)
-    x = common.layer_norm(self.dtype, "ln_final")(x)
+    x = common.layer_norm(self.dtype, "ln_final", self.ln_eps)(x)
     return pool_tokens(x, tokens, self.pool, eos_id=self.eos_id,
                        pad_id=self.pad_id)
 
 
 def build(text_config, *, activation, dtype, remat_policy,
-          scan, attention="flax") -> TextTransformer:
+          scan, attention="flax", ln_eps=common.LN_EPS) -> TextTransformer:
   dims = common.resolve_variant(text_config, VARIANTS, "text")
   if text_config.pool not in POOLS:
     raise ValueError(
@@ -119,5 +131,7 @@ def build(text_config, *, activation, dtype, remat_policy,
       **dims, vocab_size=text_config.vocab_size,
       context_length=text_config.context_length, pool=text_config.pool,
       causal=text_config.causal, eos_id=text_config.eos_id,
-      pad_id=text_config.pad_id, activation=activation, dtype=dtype,
+      pad_id=text_config.pad_id,
+      mask_pad=text_config.get("mask_pad") is not False,  # None: default.
+      ln_eps=ln_eps, activation=activation, dtype=dtype,
       remat_policy=remat_policy, scan=scan, attention=attention)

@@ -41,12 +41,25 @@ Model config keys (`config.model`):
   image.image_size  input resolution (square), a multiple of the patch size.
   image.pool        'cls' (class token) | 'map' (attention pooling).
   image.ln_pre      optional, default True (CLIP): LayerNorm before the blocks.
+  image.patch_bias  optional, default False (CLIP): bias on the patch
+                    embedding (SigLIP: True).
   text.variant      clip_jax.models.text.VARIANTS name ('mu', 'tiny', 'base'
                     = CLIP's 12 x 512 x 8 heads, 'large' = 12 x 768 x 12);
                     text.width / depth / mlp_dim / heads override it.
   text.vocab_size, text.context_length, text.eos_id, text.pad_id
-  text.pool         'eos' | 'last' | 'first' | 'mean' (see models/text.py).
+  text.pool         'eos' | 'last' | 'first' | 'mean' | 'argmax' (the
+                    highest token id: OpenAI CLIP; see models/text.py).
   text.causal       causal self-attention (CLIP: True).
+  text.mask_pad     optional, default True: pad keys (token == pad_id) are
+                    masked out of attention; False = every key attended (as
+                    OpenAI CLIP, HF CLIP without attention_mask, SigLIP).
+  ln_eps            optional, default 1e-5 (PyTorch's, CLIP): every
+                    LayerNorm's epsilon (SigLIP: 1e-6).
+  image_projection  optional, default True: img_proj, a bias-free Dense from
+                    the image width to embed_dim. False (SigLIP): no
+                    projection; embed_dim must equal the image width.
+  text_projection_bias  optional, default False: txt_proj has a bias
+                    (SigLIP's text head).
 
 Images: encode_image takes float images, already normalised, or uint8
 pixels [..., S, S, 3], which it normalises itself ((pixels / 255 - mean) /
@@ -56,10 +69,11 @@ bytes. mean/std are build_model's pixel_mean / pixel_std (the trainer passes
 config.data.mean / std); a model built without them refuses uint8.
 
 Params: {'img': ViT, 'txt': TextTransformer, 'img_proj', 'txt_proj'
-(bias-free Dense from each tower's width to embed_dim, kept outside the
-towers), 'logit_scale' (float32 scalar, log of the scale), 'logit_bias'
-(float32 scalar, only when logit_bias_init is set)}. With the CLIP variants
-the parameter count equals OpenAI CLIP's (ViT-B/32: 151,277,313).
+(Dense from each tower's width to embed_dim, kept outside the towers;
+bias-free unless text_projection_bias; no img_proj if not
+image_projection), 'logit_scale' (float32 scalar, log of the scale),
+'logit_bias' (float32 scalar, only when logit_bias_init is set)}. With the
+CLIP variants the parameter count equals OpenAI CLIP's (ViT-B/32: 151,277,313).
 """
 
 from __future__ import annotations
@@ -103,10 +117,15 @@ class TwoTowers(nn.Module):
   dtype: Any = jnp.float32
   pixel_mean: tuple[float, ...] | None = None  # For uint8 images.
   pixel_std: tuple[float, ...] | None = None
+  image_projection: bool = True  # False: image features are the embedding.
+  text_projection_bias: bool = False
 
   def setup(self):
-    self.img_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype)
-    self.txt_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype)
+    self.img_proj = (nn.Dense(self.embed_dim, use_bias=False,
+                              dtype=self.dtype)
+                     if self.image_projection else lambda x: x)
+    self.txt_proj = nn.Dense(self.embed_dim, use_bias=self.text_projection_bias,
+                             dtype=self.dtype)
     self.logit_scale = self.param(
         "logit_scale",
         nn.initializers.constant(math.log(self.logit_scale_init)), (),
@@ -158,7 +177,8 @@ def build_model(model_config, *, pixel_mean=None,
                 remat_policy=remat_policy(model_config),
                 scan=model_config.scan,
                 attention=common.check_attention(
-                    model_config.get("attention", DEFAULT_ATTENTION)))
+                    model_config.get("attention", DEFAULT_ATTENTION)),
+                ln_eps=model_config.get("ln_eps") or common.LN_EPS)
   if model_config.embed_dim <= 0:
     raise ValueError(
         f"config.model.embed_dim={model_config.embed_dim} must be > 0.")
@@ -171,15 +191,24 @@ def build_model(model_config, *, pixel_mean=None,
         f"config.model.logit_scale_max={cap} is below logit_scale_init="
         f"{model_config.logit_scale_init}; raise the cap, lower the init or "
         "set logit_scale_max=None (uncapped).")
+  img = vit.build(model_config.image, **shared)
+  image_projection = model_config.get("image_projection") is not False
+  if not image_projection and img.width != model_config.embed_dim:
+    raise ValueError(
+        f"config.model.image_projection=False needs embed_dim equal to the "
+        f"image width {img.width}, got embed_dim={model_config.embed_dim}; "
+        "set embed_dim to the width or keep the projection.")
   return TwoTowers(
-      img=vit.build(model_config.image, **shared),
+      img=img,
       txt=text.build(model_config.text, **shared),
       embed_dim=model_config.embed_dim,
       logit_scale_init=model_config.logit_scale_init,
       logit_bias_init=model_config.get("logit_bias_init"),
       dtype=dtype,
       pixel_mean=None if pixel_mean is None else tuple(map(float, pixel_mean)),
-      pixel_std=None if pixel_std is None else tuple(map(float, pixel_std)))
+      pixel_std=None if pixel_std is None else tuple(map(float, pixel_std)),
+      image_projection=image_projection,
+      text_projection_bias=bool(model_config.get("text_projection_bias")))
 
 
 def build_run_model(config) -> TwoTowers:

@@ -14,9 +14,12 @@ Config (`config.model.image`):
   pool        'cls' | 'map'.
   ln_pre      LayerNorm after patch + position embedding (default True, as
               in CLIP).
+  patch_bias  optional, default False (CLIP): a bias on the patch
+              embedding (SigLIP has one: param patch_embed/bias [width]).
 
-Params: patch_embed/kernel [p, p, 3, width], cls [width] (pool='cls'),
-pos_embed [tokens, width], ln_pre, encoder/..., ln_post, map_head/...
+Params: patch_embed/kernel [p, p, 3, width] (and bias), cls [width]
+(pool='cls'), pos_embed [tokens, width], ln_pre, encoder/..., ln_post,
+map_head/...
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class MAPHead(nn.Module):
   heads: int
   activation: str
   dtype: Any
+  ln_eps: float = common.LN_EPS
 
   @nn.compact
   def __call__(self, x):
@@ -54,7 +58,7 @@ class MAPHead(nn.Module):
                        (1, 1, width))
     probe = jnp.tile(probe, (x.shape[0], 1, 1)).astype(self.dtype)
     x = common.attention(self.heads, self.dtype, "attn")(probe, x)
-    y = common.layer_norm(self.dtype, "ln")(x)
+    y = common.layer_norm(self.dtype, "ln", self.ln_eps)(x)
     x = x + common.MlpBlock(self.mlp_dim, self.activation, self.dtype,
                             name="mlp")(y)
     return x[:, 0]
@@ -70,6 +74,8 @@ class ViT(nn.Module):
   image_size: int
   pool: str = "cls"
   ln_pre: bool = True
+  patch_bias: bool = False
+  ln_eps: float = common.LN_EPS
   activation: str = "quick_gelu"
   dtype: Any = jnp.float32
   remat_policy: str = "none"  # common.REMAT_POLICIES name.
@@ -86,7 +92,8 @@ class ViT(nn.Module):
           "config.model.image.image_size.")
     p = self.patch_size
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID",
-                use_bias=False, dtype=self.dtype, name="patch_embed")(
+                use_bias=self.patch_bias, dtype=self.dtype,
+                name="patch_embed")(
                     images.astype(self.dtype))
     x = x.reshape(x.shape[0], -1, self.width)
     if self.pool == "cls":
@@ -99,19 +106,19 @@ class ViT(nn.Module):
                      (x.shape[1], self.width))
     x = x + pos.astype(self.dtype)
     if self.ln_pre:
-      x = common.layer_norm(self.dtype, "ln_pre")(x)
+      x = common.layer_norm(self.dtype, "ln_pre", self.ln_eps)(x)
     x = common.Encoder(self.depth, self.mlp_dim, self.heads, self.activation,
                        self.dtype, self.remat_policy, self.scan,
-                       self.attention, name="encoder")(x)
-    x = common.layer_norm(self.dtype, "ln_post")(x)
+                       self.attention, self.ln_eps, name="encoder")(x)
+    x = common.layer_norm(self.dtype, "ln_post", self.ln_eps)(x)
     if self.pool == "cls":
       return x[:, 0]
     return MAPHead(self.mlp_dim, self.heads, self.activation, self.dtype,
-                   name="map_head")(x)
+                   self.ln_eps, name="map_head")(x)
 
 
 def build(image_config, *, activation, dtype, remat_policy,
-          scan, attention="flax") -> ViT:
+          scan, attention="flax", ln_eps=common.LN_EPS) -> ViT:
   dims = common.resolve_variant(image_config, VARIANTS, "image")
   if image_config.pool not in POOLS:
     raise ValueError(
@@ -123,5 +130,7 @@ def build(image_config, *, activation, dtype, remat_policy,
   return ViT(**dims, image_size=image_config.image_size,
              pool=image_config.pool,
              ln_pre=bool(image_config.get("ln_pre", True)),
+             patch_bias=bool(image_config.get("patch_bias") or False),
+             ln_eps=ln_eps,
              activation=activation, dtype=dtype, remat_policy=remat_policy,
              scan=scan, attention=attention)
