@@ -399,7 +399,9 @@ def _check_clip_bpe_model(text) -> None:
         f"config.model.text.eos_id={text.eos_id} but "
         f"config.data.tokenizer='clip_bpe' ends text with {clip_bpe.EOT_ID} "
         f"(<|endoftext|>); set config.model.text.eos_id={clip_bpe.EOT_ID}.")
-  if 0 <= text.pad_id < clip_bpe.VOCAB_SIZE:
+  # mask_pad=False (converted OpenAI / HF towers) masks no key: any pad_id.
+  if text.get("mask_pad") is not False and 0 <= text.pad_id < (
+      clip_bpe.VOCAB_SIZE):
     raise ValueError(
         f"config.model.text.pad_id={text.pad_id} is a real clip_bpe token "
         "(its padding 0 is also '!'), so the text tower would mask it out "

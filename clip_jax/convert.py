@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -400,7 +401,10 @@ def make_config(model: dict, data: dict, *, arch: str | None = None,
   import ml_collections  # pylint: disable=g-import-not-at-top
 
   from clip_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from clip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from clip_jax.data import (
+    clip_bpe,  # pylint: disable=g-import-not-at-top
+    pipeline,  # pylint: disable=g-import-not-at-top
+  )
   from clip_jax.models import text as text_lib  # pylint: disable=g-import-not-at-top
   from clip_jax.models import vit  # pylint: disable=g-import-not-at-top
   image = _fill_variant(model["image"], vit.VARIANTS, arch, "image")
@@ -423,6 +427,15 @@ def make_config(model: dict, data: dict, *, arch: str | None = None,
   c.wd = 0.1
   c.data = pipeline.default_data_config()
   c.data.update(data)
+  if (c.data.tokenizer == "clip_bpe" and not tokenizer
+      and text["vocab_size"] != clip_bpe.VOCAB_SIZE):
+    # Not OpenAI's vocabulary (a custom or test model): the user's tokenizer
+    # must be named with --tokenizer; until then the emoji placeholder.
+    logging.warning(
+        "The text tower has %d tokens, not clip_bpe's %d: its tokenizer is "
+        "unknown; pass --tokenizer (config.data.tokenizer) to evaluate it.",
+        text["vocab_size"], clip_bpe.VOCAB_SIZE)
+    c.data.tokenizer = pipeline.default_data_config()["tokenizer"]
   c.data.source = "emoji"  # A placeholder: point it at your data to train.
   c.data.image_size = image["image_size"]
   c.data.context_length = text["context_length"]
