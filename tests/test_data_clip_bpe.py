@@ -219,6 +219,14 @@ def test_config_rejects_a_text_tower_that_misreads_its_ids(key, value,
     config_lib.validate(config, device_count=8)
 
 
+def test_a_tower_that_masks_no_pad_key_may_have_any_pad_id():
+  # Converted OpenAI / HF towers: mask_pad=False, pad_id from their config.
+  from clip_jax import config as config_lib
+  config = _clip_bpe_config()
+  config.model.text.update(pad_id=0, mask_pad=False)
+  config_lib.validate(config, device_count=8)
+
+
 def test_clip_bpe_needs_lowercase():
   from clip_jax.data import pipeline
   config = _clip_bpe_config()
