@@ -72,11 +72,11 @@ def random_inputs(rng, batch, image_size, length, eos, pad_id=0):
 
 
 def small_clip_config(**text):
+  text = dict(dict(vocab_size=99, max_position_embeddings=12), **text)
   return transformers.CLIPConfig(
-      text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=48,
+      text_config=dict(hidden_size=32, intermediate_size=48,
                        num_hidden_layers=2, num_attention_heads=4,
-                       max_position_embeddings=12, hidden_act="quick_gelu",
-                       **text),
+                       hidden_act="quick_gelu", **text),
       vision_config=dict(hidden_size=48, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4,
                          image_size=32, patch_size=8,
@@ -412,3 +412,26 @@ def test_no_image_projection_needs_embed_dim_equal_to_width():
     two_towers.build_model(config.model)
   config.model.embed_dim = 32  # The 'mu' image tower's width.
   two_towers.build_model(config.model)
+
+
+def test_converted_clip_reads_text_with_clip_bpe(tmp_path):
+  """A converted CLIP with OpenAI's vocabulary embeds raw strings as the
+  reference does: clip_jax.load tokenizes with clip_bpe (the converted
+  config's tokenizer), the reference gets open_clip's token ids."""
+  open_clip = pytest.importorskip("open_clip")
+  import clip_jax
+  torch.manual_seed(11)
+  ref = transformers.CLIPModel(small_clip_config(
+      vocab_size=49408, max_position_embeddings=77, eos_token_id=49407,
+      pad_token_id=1, bos_token_id=49406)).eval()
+  ref.save_pretrained(tmp_path / "hf")
+  config = convert.convert("hf", str(tmp_path / "hf"), str(tmp_path / "run"))
+  assert config.data.tokenizer == "clip_bpe"
+  texts = ["a photo of a cat.", "Two DOGS, playing!", "", "naïve café 🎉"]
+  tokens = open_clip.get_tokenizer("ViT-B-32")(texts)
+  with torch.no_grad():
+    want = ref.get_text_features(input_ids=tokens)
+    want = getattr(want, "pooler_output", want)
+  want = (want / want.norm(dim=-1, keepdim=True)).numpy()
+  ours = clip_jax.load(str(tmp_path / "run")).encode_text(texts)
+  assert max_rel_err(ours, want) <= TOL
