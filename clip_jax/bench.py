@@ -87,7 +87,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import statistics
 import time
 
@@ -251,14 +250,6 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 7) -> float:
   return 2 * n**3 / statistics.median(seconds)
 
 
-def compiled_flops(compiled) -> float:
-  """'flops' of XLA's cost analysis of a compiled program."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # Older jax: one dict per program.
-    cost = cost[0]
-  return float(cost["flops"])
-
-
 def float_batch_arrays(config, seed=0) -> dict:
   """Random normalised float32 images and tokens (NumPy, host)."""
   rng = np.random.default_rng(seed)
@@ -298,7 +289,7 @@ def compiled_step(config, compiler_options=None):
   compiled = step.lower(state, batch).compile(
       compiler_options=compiler_options or {})
   compile_s = time.perf_counter() - start
-  return compiled, state, batch, compile_s, compiled_flops(compiled)
+  return compiled, state, batch, compile_s, flops_lib.compiled_flops(compiled)
 
 
 def bench_train_step(config, windows: int, calls: int,
@@ -814,35 +805,6 @@ def main_ab():
   _write_json(result, _OUT.value or "runs/bench_ab.json")
 
 
-_FUSION_CALL = re.compile(r"calls=%?([\w.\-]+)")
-_OP = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)\s+([\w\-]+)\(")
-_HEAVY_OPS = ("dot", "convolution", "transpose", "reduce", "gather",
-              "scatter")
-
-
-def thunk_categories(hlo: str) -> dict[str, str]:
-  """{instruction name: category} for the entry's fusions and ops.
-
-  A fusion's category is the heaviest op inside it (_HEAVY_OPS order),
-  else 'elementwise'.
-  """
-  bodies, entry = hlo_lib._computations(hlo)  # pylint: disable=protected-access
-  categories = {}
-  for line in bodies.get(entry, ()):
-    match = _OP.match(line)
-    if not match:
-      continue
-    name, _, op = match.groups()
-    ops = {op}
-    call = _FUSION_CALL.search(line)
-    if op == "fusion" and call:
-      ops = {m.group(3) for m in map(_OP.match, bodies.get(call.group(1), ()))
-             if m}
-    categories[name] = next((h for h in _HEAVY_OPS if h in ops),
-                            "elementwise")
-  return categories
-
-
 def main_profile():
   """Time shares of the compiled step by op category (jax.profiler)."""
   import collections  # pylint: disable=g-import-not-at-top
@@ -856,7 +818,7 @@ def main_profile():
   compiled, state, batch, _, _ = compiled_step(config, options)
   one_step = _timed_steps(compiled, state, lambda: batch)
   one_step()
-  categories = thunk_categories(compiled.as_text())
+  categories = hlo_lib.thunk_categories(compiled.as_text())
   with tempfile.TemporaryDirectory() as tmp:
     with jax.profiler.trace(tmp, create_perfetto_trace=True):
       for _ in range(_STEPS.value):

@@ -87,3 +87,11 @@ def config_train_flops_per_example(model_config, batch_size: int) -> dict:
       text=Tower(txt["width"], txt["depth"], txt["mlp_dim"],
                  model_config.text.context_length),
       embed_dim=model_config.embed_dim, batch_size=batch_size)
+
+
+def compiled_flops(compiled) -> float:
+  """'flops' of XLA's cost analysis of a compiled program."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # Older jax: one dict per program.
+    cost = cost[0]
+  return float(cost["flops"])

@@ -133,3 +133,32 @@ def collectives(hlo: str, device_count: int) -> list[dict]:
       row["shapes"].update(f"{d}[{s}]" for d, s in _ARRAY.findall(result_type))
   return [{**row, "shapes": sorted(row["shapes"])}
           for kind in KINDS if (row := rows.get(kind))]
+
+
+_FUSION_CALL = re.compile(r"calls=%?([\w.\-]+)")
+_OP = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)\s+([\w\-]+)\(")
+_HEAVY_OPS = ("dot", "convolution", "transpose", "reduce", "gather",
+              "scatter")
+
+
+def thunk_categories(hlo: str) -> dict[str, str]:
+  """{instruction name: category} for the entry's fusions and ops.
+
+  A fusion's category is the heaviest op inside it (_HEAVY_OPS order),
+  else 'elementwise'.
+  """
+  bodies, entry = _computations(hlo)
+  categories = {}
+  for line in bodies.get(entry, ()):
+    match = _OP.match(line)
+    if not match:
+      continue
+    name, _, op = match.groups()
+    ops = {op}
+    call = _FUSION_CALL.search(line)
+    if op == "fusion" and call:
+      ops = {m.group(3) for m in map(_OP.match, bodies.get(call.group(1), ()))
+             if m}
+    categories[name] = next((h for h in _HEAVY_OPS if h in ops),
+                            "elementwise")
+  return categories

@@ -16,7 +16,6 @@ import ml_collections
 import pytest
 
 from clip_jax import flops, losses, train_state
-from clip_jax.bench import compiled_flops
 from clip_jax.models import common, two_towers
 
 
@@ -31,7 +30,7 @@ def test_encoder_forward_flops_match_cost_analysis(width, mlp, tokens, depth,
   x = jnp.ones((4, tokens, width), jnp.float32)
   params = encoder.init(jax.random.key(0), x)
   compiled = jax.jit(encoder.apply).lower(params, x).compile()
-  measured = compiled_flops(compiled) / 4
+  measured = flops.compiled_flops(compiled) / 4
   expected = flops.encoder_forward_flops(
       flops.Tower(width, depth, mlp, tokens))
   assert expected <= measured <= (1 + limit) * expected, (measured, expected)
@@ -57,7 +56,7 @@ def test_train_flops_match_cost_analysis_of_loss_and_grads():
       model, losses.get_loss("softmax"), None, None)
   compiled = jax.jit(grad_fn).lower(
       params, {"image": images, "text": tokens}).compile()
-  measured = compiled_flops(compiled) / batch
+  measured = flops.compiled_flops(compiled) / batch
   expected = flops.config_train_flops_per_example(model_config, batch)
   assert expected["total"] == sum(
       v for k, v in expected.items() if k != "total")
@@ -66,7 +65,7 @@ def test_train_flops_match_cost_analysis_of_loss_and_grads():
 
 
 def test_thunk_categories_name_the_heaviest_op_of_each_fusion():
-  from clip_jax.bench import thunk_categories
+  from clip_jax.hlo import thunk_categories
   x = jnp.ones((64, 32), jnp.float32)
 
   def program(a, b):
