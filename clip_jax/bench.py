@@ -282,14 +282,19 @@ def parse_overrides(items) -> dict:
 
 
 def compiled_step(config, compiler_options=None):
-  """(compiled step, state, batch, compile seconds, compiled FLOPs/step)."""
+  """(compiled step, state, batch, compile seconds, compiled FLOPs/step).
+
+  XLA's cost analysis counts one device's SPMD program: times the mesh
+  size, it is what all devices execute (replicated work counted on each).
+  """
   step, state, mesh = _make_step(config)
   batch = float_batch(config, mesh)
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile(
       compiler_options=compiler_options or {})
   compile_s = time.perf_counter() - start
-  return compiled, state, batch, compile_s, flops_lib.compiled_flops(compiled)
+  flops = flops_lib.compiled_flops(compiled) * mesh.size
+  return compiled, state, batch, compile_s, flops
 
 
 def bench_train_step(config, windows: int, calls: int,
