@@ -22,7 +22,9 @@ import os
 import re
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from clip_jax import optim
 
@@ -40,7 +42,11 @@ def source_step(workdir: str, step: int | None) -> int:
         "give a clip_jax workdir with a finished checkpoint (a trained run "
         "or `python -m clip_jax.convert`'s output).")
   if step is None:
-    return steps[-1]
+    # Every process reads the same step: process 0's latest (another
+    # process's listing may lag on a shared filesystem).
+    if jax.process_count() == 1:
+      return steps[-1]
+    return int(multihost_utils.broadcast_one_to_all(np.int64(steps[-1])))
   if step not in steps:
     raise ValueError(f"config.init.step={step} is not a checkpoint of "
                      f"{directory}; it has steps {steps}.")
