@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 NOTO_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+SYMBOLA_FONT := /usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf
 # 8 fake CPU devices, so multi-device code runs everywhere.
 FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
@@ -19,13 +20,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -r requirements.txt -r requirements-dev.txt
-	@# The emoji dataset's images come from Debian's Noto Color Emoji font.
-	@if [ ! -f $(NOTO_FONT) ]; then \
+	@# The emoji dataset's images come from Debian's Noto Color Emoji font
+	@# (training style) and Symbola (the `symbola` validation style).
+	@if [ ! -f $(NOTO_FONT) ] || [ ! -f $(SYMBOLA_FONT) ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	    (apt-get update -qq && apt-get install -y -qq fonts-noto-color-emoji) \
-	      || echo "warning: could not install fonts-noto-color-emoji"; \
+	    (apt-get update -qq && apt-get install -y -qq fonts-noto-color-emoji fonts-symbola) \
+	      || echo "warning: could not install fonts-noto-color-emoji fonts-symbola"; \
 	  else \
-	    echo "note: run 'sudo apt-get install fonts-noto-color-emoji' for the emoji dataset"; \
+	    echo "note: run 'sudo apt-get install fonts-noto-color-emoji fonts-symbola' for the emoji dataset"; \
 	  fi; \
 	fi
 	touch $@

