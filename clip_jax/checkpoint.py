@@ -145,18 +145,20 @@ class Checkpointer:
       data_iterator.set_state(restored["data"].get_state())
     return restored["state"]
 
-  def param_mismatches(self, step: int, param_shapes) -> list[str]:
-    """How checkpoint `step`'s parameters differ in shape from
-    `param_shapes` (a tree of arrays / ShapeDtypeStructs), from the
-    checkpoint's metadata alone: ['path: checkpoint (a, b), config (c, d)',
-    'path: only in the checkpoint', ...]; empty if they fit."""
+  def state_mismatches(self, step: int, state_shapes) -> list[str]:
+    """How checkpoint `step`'s train state differs from `state_shapes` (a
+    tree of arrays / ShapeDtypeStructs: params and optimiser state), from
+    the checkpoint's metadata alone, parameters first: ['params/path:
+    checkpoint (a, b), config (c, d)', 'opt/path: only in the checkpoint',
+    ...]; empty if they fit."""
     from etils import epath  # pylint: disable=g-import-not-at-top
     tree = ocp.StandardCheckpointHandler().metadata(
         epath.Path(self.directory) / str(step) / "state").tree
-    stored = _shapes_by_path(tree["params"])
-    wanted = _shapes_by_path(param_shapes)
+    stored = _shapes_by_path(tree)
+    wanted = _shapes_by_path(state_shapes)
     problems = []
-    for path in sorted(set(stored) | set(wanted)):
+    for path in sorted(set(stored) | set(wanted),
+                       key=lambda p: (not p.startswith("params/"), p)):
       if path not in wanted:
         problems.append(f"{path}: only in the checkpoint")
       elif path not in stored:

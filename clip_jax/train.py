@@ -126,16 +126,20 @@ def check_resume(config, stored, *, workdir: str, step: int,
   """The message describing a resume, or a ValueError if it may not go on.
 
   `stored`: the config saved by the run (None if there is none);
-  `mismatches`: checkpoint_lib.Checkpointer.param_mismatches;
+  `mismatches`: checkpoint_lib.Checkpointer.state_mismatches;
   `schedules`: (old lr schedule, new lr schedule) or None, to show what a
   changed total length does to the learning rate at `step`.
   """
   diff = {} if stored is None else config_lib.config_diff(stored, config)
   shown = config_lib.format_diff(diff)
   if mismatches:
+    what = ("its parameters have other shapes"
+            if mismatches[0].startswith("params/") else
+            "its optimiser state has another structure (config.freeze, "
+            "the optimiser or its options changed)")
     raise ValueError(
         f"Cannot resume {workdir} (checkpoint {step}) with this config: "
-        f"its parameters have other shapes ({'; '.join(mismatches[:3])}"
+        f"{what} ({'; '.join(mismatches[:3])}"
         f"{'; ...' if len(mismatches) > 3 else ''}). The config keys that "
         f"differ from the stored config.json:\n{shown or '  (none)'}\n"
         "Nothing was changed. Use the stored config (drop these overrides) "
@@ -269,7 +273,7 @@ def _train(config, workdir, ckpt, data_iter, dataset_size, *, is_main,
       stored = None
     message = check_resume(
         config, stored, workdir=workdir, step=latest,
-        mismatches=ckpt.param_mismatches(latest, param_shapes),
+        mismatches=ckpt.state_mismatches(latest, shapes),
         allow_change=allow_config_change,
         schedules=_schedules(stored, config, total_steps=total_steps,
                              warmup_steps=warmup_steps,

@@ -76,6 +76,27 @@ def test_changed_shapes_fail_naming_keys_and_change_nothing(trained,
   assert snapshot(workdir) == before  # config.json is still the run's.
 
 
+@pytest.mark.parametrize("overrides", [
+    {"freeze": "img/.*"},                      # Frozen params lose opt state.
+    {"grad_clip_norm": None, "adam.b2": 0.95},  # Same structure: resumes.
+])
+def test_an_optimiser_state_of_another_structure_fails_before_writing(
+    trained, tmp_path, overrides):
+  workdir = copy_of(trained, tmp_path)
+  before = snapshot(workdir)
+  config = tiny_config(total_steps=3, **overrides)
+  if "freeze" not in overrides:  # Clipping has no state: nothing differs.
+    assert run(config, workdir, allow_config_change=True).step == 3
+    return
+  with pytest.raises(ValueError) as error:
+    run(config, workdir, allow_config_change=True)
+  message = str(error.value)
+  assert "optimiser state has another structure" in message
+  assert "opt/inner_state/" in message and "freeze: None -> 'img/.*'" in message
+  assert "Nothing was changed" in message
+  assert snapshot(workdir) == before
+
+
 def test_training_change_needs_the_flag(trained, tmp_path, capsys):
   workdir = copy_of(trained, tmp_path)
   before = snapshot(workdir)
