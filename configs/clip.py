@@ -37,6 +37,7 @@ for the rest of that recipe).
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from clip_jax import config as config_lib
 
@@ -62,7 +63,8 @@ def get_config(arg=None):
       embed_dim=768 if arg.model == "L/14" else 512,
       logit_scale_init=1 / 0.07,
       logit_scale_max=100.0,
-      logit_bias_init=None,
+      # A typed None, so --config.model.logit_bias_init=-10 can set it.
+      logit_bias_init=config_dict.placeholder(float),
       dtype="bfloat16",
       activation="quick_gelu",
       remat=False,
@@ -75,7 +77,7 @@ def get_config(arg=None):
   ))
   if arg.loss != "softmax":
     c.model.logit_scale_init = 10.0
-    c.model.logit_scale_max = None
+    c.model.logit_scale_max = config_dict.placeholder(float)  # No cap.
     c.model.logit_bias_init = -10.0
 
   from clip_jax.data import pipeline  # pylint: disable=g-import-not-at-top

@@ -264,3 +264,31 @@ def test_wider_valid_types_are_accepted():
 def test_shipped_configs_validate(path, arg):
   config = config_lib.load_config_file(path, arg)
   config_lib.validate(config, device_count=8)
+
+
+_OVERRIDE_SCRIPT = """
+from absl import app
+from ml_collections import config_flags
+config = config_flags.DEFINE_config_file("config")
+app.run(lambda _: print(repr(config.value.model[{key!r}])))
+"""
+
+
+@pytest.mark.parametrize("config_arg, override, key, expected", [
+    # Defaults that are None still carry a type, so the command line can set
+    # them (a plain None would make ml_collections refuse the override).
+    ("configs/clip.py:tiny", "model.logit_bias_init=-5", "logit_bias_init",
+     "-5.0"),
+    ("configs/siglip.py", "model.logit_scale_max=50", "logit_scale_max",
+     "50.0"),
+])
+def test_none_defaults_can_be_overridden_on_the_command_line(
+    config_arg, override, key, expected):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  proc = subprocess.run(
+      [sys.executable, "-c", _OVERRIDE_SCRIPT.format(key=key),
+       f"--config={config_arg}", f"--config.{override}"],
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip() == expected
