@@ -55,6 +55,26 @@ def test_two_processes_equal_one(tmp_path):
                              rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_two_processes_initialise_from_a_pretrained_workdir_like_one(
+    tmp_path):
+  """config.init over several processes (process 0 picks the source step
+  and broadcasts it; every process restores its own shards) starts from
+  the same weights as one process does."""
+  run_workers(tmp_path / "source", 2, 1, 8)
+  init = [f"init.workdir={str(tmp_path / 'source')!r}"]
+  run_workers(tmp_path / "one", 2, 1, 8, *init)
+  run_workers(tmp_path / "two", 2, 2, 4, "mesh.data=2", "mesh.fsdp=4",
+              "sharding_rules=(('.*', 'fsdp'),)", *init)
+  fresh = read_losses(tmp_path / "source")
+  one, two = read_losses(tmp_path / "one"), read_losses(tmp_path / "two")
+  assert sorted(one) == [1, 2]
+  np.testing.assert_allclose([two[s] for s in one], list(one.values()),
+                             rtol=1e-5)
+  # The pretrained start is not the fresh one (the source trained 2 steps).
+  assert abs(one[1] - fresh[1]) > 1e-4
+
+
 EVAL_WORKER = os.path.join(ROOT, "tests", "_eval_worker.py")
 
 
