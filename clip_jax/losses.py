@@ -2,7 +2,7 @@
 
 Every loss has the signature
 
-  fn(zimg, ztxt, logit_scale, logit_bias, mesh=None) -> float32 scalar
+  fn(zimg, ztxt, logit_scale, logit_bias, mesh=None, keys=None) -> float32
 
 zimg, ztxt: L2-normalised [N, D] embeddings of the global batch; row i of
 each is a matching pair. logit_scale: the multiplier (already exponentiated).
@@ -91,8 +91,10 @@ batch-sharded; Auto meshes (ours) reshard them.
                    column tiles under jax.checkpoint, so the backward
                    recomputes each tile rather than storing [n, N] masks.
 
-Losses in KEYED_LOSSES take `keys=` (the train step passes the batch's
-'loss_key', see train_state.contrastive_loss); the others never receive it.
+Every loss takes an optional `keys=` (int32 [N]); only those in
+KEYED_LOSSES use it, the others ignore it. The train step passes the
+batch's 'loss_key' when the batch has one (train_state.contrastive_loss),
+which train.py adds for the keyed losses only.
 
 No sharded loss holds an [n, N] block of logits: per-device temporary memory
 is O(n^2 + N D) (gathered) or O(n^2 + n D) (ring), not O(n N).
@@ -214,8 +216,9 @@ def _tiled_logsumexp_bwd(tile, residuals, g):
 _tiled_logsumexp.defvjp(_tiled_logsumexp_fwd, _tiled_logsumexp_bwd)
 
 
-def softmax_loss(zimg, ztxt, logit_scale, logit_bias=None, mesh=None):
-  del logit_bias  # InfoNCE is invariant to a shared bias.
+def softmax_loss(zimg, ztxt, logit_scale, logit_bias=None, mesh=None,
+                 keys=None):
+  del logit_bias, keys  # InfoNCE is invariant to a shared bias.
   zimg, ztxt, scale = _f32(zimg, ztxt, logit_scale)
   n = zimg.shape[0]
   if mesh is None:
@@ -289,7 +292,8 @@ def _tiled_sigmoid_bwd(axes, inputs, g):
 _tiled_sigmoid_sum.defvjp(_tiled_sigmoid_fwd, _tiled_sigmoid_bwd)
 
 
-def sigmoid_loss(zimg, ztxt, logit_scale, logit_bias, mesh=None):
+def sigmoid_loss(zimg, ztxt, logit_scale, logit_bias, mesh=None, keys=None):
+  del keys  # Unkeyed (module docstring).
   zimg, ztxt, scale, bias = _f32(zimg, ztxt, logit_scale, logit_bias)
   n = zimg.shape[0]
   if mesh is None:
@@ -393,7 +397,9 @@ def _ring_sigmoid_bwd(axes, inputs, g):
 _ring_sigmoid_sum.defvjp(_ring_sigmoid_fwd, _ring_sigmoid_bwd)
 
 
-def sigmoid_chunked_loss(zimg, ztxt, logit_scale, logit_bias, mesh=None):
+def sigmoid_chunked_loss(zimg, ztxt, logit_scale, logit_bias, mesh=None,
+                         keys=None):
+  del keys
   if mesh is None:
     return sigmoid_loss(zimg, ztxt, logit_scale, logit_bias)
   zimg, ztxt, scale, bias = _f32(zimg, ztxt, logit_scale, logit_bias)
@@ -583,14 +589,14 @@ def _vse_loss(zimg, ztxt, mesh, margin, hardest: bool):
 
 
 def vse_max_loss(zimg, ztxt, logit_scale=None, logit_bias=None, mesh=None,
-                 margin=VSE_MARGIN):
-  del logit_scale, logit_bias  # Raw cosine similarities (docstring).
+                 keys=None, margin=VSE_MARGIN):
+  del logit_scale, logit_bias, keys  # Raw cosines (module docstring).
   return _vse_loss(zimg, ztxt, mesh, margin, hardest=True)
 
 
 def vse_sum_loss(zimg, ztxt, logit_scale=None, logit_bias=None, mesh=None,
-                 margin=VSE_MARGIN):
-  del logit_scale, logit_bias
+                 keys=None, margin=VSE_MARGIN):
+  del logit_scale, logit_bias, keys
   return _vse_loss(zimg, ztxt, mesh, margin, hardest=False)
 
 

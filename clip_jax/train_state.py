@@ -114,8 +114,9 @@ def scalars(model, params):
 
 def contrastive_loss(loss_fn, zimg, ztxt, out, mesh, keys=None):
   """`keys`: the batch's 'loss_key' (int32 [N], batch-sharded, row-aligned
-  with zimg / ztxt), passed only when present: the keyed losses
-  (losses.KEYED_LOSSES) take it, the others are never given it."""
+  with zimg / ztxt), passed only when present (a loss_fn without a keys
+  argument works on unkeyed batches); losses.KEYED_LOSSES use it, the
+  other registered losses ignore it."""
   bias = out.get("logit_bias")
   extra = {} if keys is None else {"keys": keys}
   return loss_fn(zimg, ztxt, out["logit_scale"],

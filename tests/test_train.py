@@ -158,3 +158,26 @@ def test_nonfinite_loss_with_finite_gradients_is_skipped():
       state, sharding_lib.host_to_global(random_batch(config), mesh))
   assert int(metrics["train/nonfinite_steps"]) == 1
   assert _bits(jax.device_get(state["params"])) == _bits(before)
+
+
+def test_step_inputs_carry_the_configured_loss_key():
+  """A keyed loss gets config.loss_key's batch field as 'loss_key'; other
+  losses get image and text only; a missing field is a clear error."""
+  from clip_jax import train  # pylint: disable=g-import-not-at-top
+  batch = {"image": np.zeros((4, 2)), "text": np.zeros((4, 3), np.int32),
+           "label": np.array([3, 3, -1, 5]),
+           "caption_hash": np.array([7, 8, 7, 9]), "num_skipped": 0}
+  config = tiny_config("multi_positive", "replicate")
+  for field in ("label", "caption_hash"):
+    config.loss_key = field
+    inputs = train.step_inputs(batch, config)
+    assert sorted(inputs) == ["image", "loss_key", "text"]
+    assert inputs["loss_key"].dtype == np.int32
+    np.testing.assert_array_equal(inputs["loss_key"], batch[field])
+  config.loss = "softmax"
+  assert sorted(train.step_inputs(batch, config)) == ["image", "text"]
+  config.loss = "multi_positive"
+  with pytest.raises(ValueError, match="config.loss_key='caption_hash'.*"
+                     "does not yield"):
+    train.step_inputs({k: batch[k] for k in ("image", "text", "label")},
+                      config)
