@@ -43,7 +43,7 @@ ACCUM_MODES = ("exact", "naive")
 # Params the loss uses directly (not through the embeddings).
 SCALAR_PARAMS = ("logit_scale", "logit_bias")
 # Optional batch field: int32 [B] per-example keys for the keyed losses
-# (losses.KEYED_LOSSES, e.g. multi_positive); see train.loss_keys.
+# (losses.KEYED_LOSSES, e.g. multi_positive); see train.step_inputs.
 LOSS_KEY = "loss_key"
 
 
