@@ -290,6 +290,22 @@ def _check_batch(config, *, device_count: int, process_count: int) -> None:
         f"{process_count} processes; use a multiple of {process_count}.")
 
 
+def _check_loss_options(config, **_) -> None:
+  from clip_jax import losses  # pylint: disable=g-import-not-at-top
+  loss_key = config.get("loss_key", "label")
+  if loss_key not in losses.LOSS_KEYS:
+    raise ValueError(
+        f"config.loss_key={loss_key!r} is not a batch field the keyed "
+        f"losses can use; expected one of {list(losses.LOSS_KEYS)} ('label'"
+        ": the class index; 'caption_hash': equal caption texts).")
+  margin = config.get("vse_margin", losses.VSE_MARGIN)
+  if not isinstance(margin, (int, float)) or not 0 <= margin < 2:
+    raise ValueError(
+        f"config.vse_margin={margin!r}: expected a number in [0, 2) (a "
+        "margin between cosine similarities, which differ by at most 2; "
+        "VSE++ uses 0.2).")
+
+
 def _check_mesh(config, *, device_count: int, **_) -> None:
   data, _ = mesh_shape(config.mesh, device_count)
   check_slices(config.mesh.get("slices", 1), data, device_count)
@@ -533,6 +549,7 @@ def _check_evals(config, **_) -> None:
 CHECKS = (
     ("unknown keys, wrong types", _check_keys_and_types),
     ("registered names", _check_names),
+    ("loss options: loss_key, vse_margin", _check_loss_options),
     ("batch vs devices and processes", _check_batch),
     ("accumulation steps and mode, non-finite limit", _check_accumulation),
     ("mesh axis sizes", _check_mesh),
@@ -678,6 +695,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3        # Older checkpoints are deleted.
 
   c.loss = "softmax"            # Key of losses.LOSSES.
+  # multi_positive: which batch field says which pairs are positives (equal
+  # keys; -1 = none): 'label' (class index, e.g. the emoji base name) or
+  # 'caption_hash' (equal caption texts, for web data). Other losses: unused.
+  c.loss_key = "label"
+  c.vse_margin = 0.2            # vse_max / vse_sum hinge margin (cosine).
   # Gradient accumulation (see clip_jax/train_state.py): each step runs the
   # global batch as accum_steps micro-batches, each spread over all devices.
   # 'exact': the full-batch contrastive gradient (GradCache); 'naive': each

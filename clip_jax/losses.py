@@ -2,7 +2,7 @@
 
 Every loss has the signature
 
-  fn(zimg, ztxt, logit_scale, logit_bias, mesh=None) -> float32 scalar
+  fn(zimg, ztxt, logit_scale, logit_bias, mesh=None, keys=None) -> float32
 
 zimg, ztxt: L2-normalised [N, D] embeddings of the global batch; row i of
 each is a matching pair. logit_scale: the multiplier (already exponentiated).
@@ -35,6 +35,66 @@ batch-sharded; Auto meshes (ours) reshard them.
                    (ppermute), so a device holds one [n, n] block and one
                    [n, D] block of texts at a time, forward and backward;
                    each hop is issued before the block it overlaps.
+
+  multi_positive   UniCL (Yang et al. 2022, "Unified Contrastive Learning in
+                   Image-Text-Label Space"; Florence): softmax with soft
+                   targets. `keys` (int32 [N], batch-sharded like the rows)
+                   say which pairs are positives: (i, j) is a positive iff
+                   i == j or keys[i] == keys[j] >= 0 (a negative key, e.g.
+                   the label -1 of web data, matches only its own row). Row
+                   i's target spreads 1 / c_i over its c_i positives, in
+                   both directions (img->txt and txt->img), as UniCL's
+                   bidirectional loss; the value is the mean over rows of
+                   the two cross-entropies / 2. With all keys distinct (or
+                   keys=None) it is `softmax`. Sharded: softmax's gathers
+                   and tiled logsumexps, plus the keys gathered (int32 [N])
+                   and the positives' term from per-group sums: group g's
+                   image and text embeddings summed over the global batch
+                   (a segment_sum of the gathered [N, D] arrays; groups from
+                   jnp.unique of the gathered keys), so no [n, N] target
+                   mask exists; extra memory two [N, D] sums.
+  vse_max          VSE++ (Faghri et al. 2018, "VSE++: Improving Visual-
+                   Semantic Embeddings with Hard Negatives"), max of hinges:
+                   for each pair i, [margin - s_ii + s_ij*]_+ with j* the
+                   hardest negative text of image i in the GLOBAL batch,
+                   plus the same with the hardest negative image of text i;
+                   summed over the pairs and divided by N (the paper and
+                   its code, fartashf/vsepp, sum over the batch; the mean
+                   keeps the value independent of the batch size).
+  vse_sum          VSE0 of the same paper, sum of hinges: every negative's
+                   [margin - s_ii + s_ij]_+, both directions, / N.
+                   Both VSE losses use the raw cosine similarities s = zimg
+                   @ ztxt.T, as the paper does (the margin, 0.2 there, is in
+                   cosine units); they ignore logit_scale and logit_bias, so
+                   those params get an exactly zero gradient and, under
+                   AdamW (which never decays them, see optim.py), stay at
+                   their initial values: the learnable temperature is not
+                   trained by a loss that does not use it. The margin is
+                   a keyword argument (config.vse_margin, see
+                   `loss_from_config`).
+                   Gather pattern: the hardest negative of image i needs a
+                   max over all N texts, and that of text j a max over all
+                   N images. Both modalities are all-gathered (as softmax
+                   does) and each device computes its own rows' maxima in
+                   both directions over [n, n] column tiles, without
+                   gradient, keeping only the argmax index (ties: the
+                   lowest global index); the loss is then s_ij* recomputed
+                   from the gathered row j*, so its gradient (through the
+                   gather's transpose, a reduce-scatter) touches just the
+                   hardest negatives. The alternative, per-device column
+                   maxima combined with a pmax over devices, would save
+                   one of the two similarity passes but needs a custom
+                   gradient to send each column's gradient to the one
+                   device holding its argmax (and a tie rule across
+                   devices); the gathered version reuses softmax's
+                   communication and autodiff. vse_sum streams over [n, n]
+                   column tiles under jax.checkpoint, so the backward
+                   recomputes each tile rather than storing [n, N] masks.
+
+Every loss takes an optional `keys=` (int32 [N]); only those in
+KEYED_LOSSES use it, the others ignore it. The train step passes the
+batch's 'loss_key' when the batch has one (train_state.contrastive_loss),
+which train.py adds for the keyed losses only.
 
 No sharded loss holds an [n, N] block of logits: per-device temporary memory
 is O(n^2 + N D) (gathered) or O(n^2 + n D) (ring), not O(n N).
@@ -156,8 +216,9 @@ def _tiled_logsumexp_bwd(tile, residuals, g):
 _tiled_logsumexp.defvjp(_tiled_logsumexp_fwd, _tiled_logsumexp_bwd)
 
 
-def softmax_loss(zimg, ztxt, logit_scale, logit_bias=None, mesh=None):
-  del logit_bias  # InfoNCE is invariant to a shared bias.
+def softmax_loss(zimg, ztxt, logit_scale, logit_bias=None, mesh=None,
+                 keys=None):
+  del logit_bias, keys  # InfoNCE is invariant to a shared bias.
   zimg, ztxt, scale = _f32(zimg, ztxt, logit_scale)
   n = zimg.shape[0]
   if mesh is None:
@@ -231,7 +292,8 @@ def _tiled_sigmoid_bwd(axes, inputs, g):
 _tiled_sigmoid_sum.defvjp(_tiled_sigmoid_fwd, _tiled_sigmoid_bwd)
 
 
-def sigmoid_loss(zimg, ztxt, logit_scale, logit_bias, mesh=None):
+def sigmoid_loss(zimg, ztxt, logit_scale, logit_bias, mesh=None, keys=None):
+  del keys  # Unkeyed (module docstring).
   zimg, ztxt, scale, bias = _f32(zimg, ztxt, logit_scale, logit_bias)
   n = zimg.shape[0]
   if mesh is None:
@@ -335,7 +397,9 @@ def _ring_sigmoid_bwd(axes, inputs, g):
 _ring_sigmoid_sum.defvjp(_ring_sigmoid_fwd, _ring_sigmoid_bwd)
 
 
-def sigmoid_chunked_loss(zimg, ztxt, logit_scale, logit_bias, mesh=None):
+def sigmoid_chunked_loss(zimg, ztxt, logit_scale, logit_bias, mesh=None,
+                         keys=None):
+  del keys
   if mesh is None:
     return sigmoid_loss(zimg, ztxt, logit_scale, logit_bias)
   zimg, ztxt, scale, bias = _f32(zimg, ztxt, logit_scale, logit_bias)
@@ -353,11 +417,200 @@ def sigmoid_chunked_loss(zimg, ztxt, logit_scale, logit_bias, mesh=None):
   return _sharded(mesh, body, zimg, ztxt, scale, bias)
 
 
+def _effective_keys(keys):
+  """Negative keys (no key) become distinct negative numbers: -1 - row."""
+  keys = jnp.asarray(keys, jnp.int32)
+  return jnp.where(keys >= 0, keys, -1 - jnp.arange(keys.shape[0]))
+
+
+def _positive_groups(keys):
+  """[N] int keys -> [N] group ids in [0, N): rows i, j share a group iff
+  they are positives (module docstring)."""
+  n = keys.shape[0]
+  _, groups = jnp.unique(_effective_keys(keys), return_inverse=True, size=n)
+  return groups.reshape(n)
+
+
+def _multi_positive_dense(zimg, ztxt, scale, keys):
+  """UniCL's soft-target cross-entropy, both directions, [N, N] logits."""
+  eff = _effective_keys(keys)
+  positive = (eff[:, None] == eff[None, :]).astype(jnp.float32)
+  # positive is symmetric and the counts are equal within a group, so the
+  # row-normalised targets serve both directions.
+  targets = positive / positive.sum(axis=1, keepdims=True)
+  logits = _logits(zimg, ztxt, scale)
+  img_to_txt = -jnp.sum(targets * jax.nn.log_softmax(logits, axis=1))
+  txt_to_img = -jnp.sum(targets.T * jax.nn.log_softmax(logits.T, axis=1))
+  return (img_to_txt + txt_to_img) / (2 * zimg.shape[0])
+
+
+def multi_positive_loss(zimg, ztxt, logit_scale, logit_bias=None, mesh=None,
+                        keys=None):
+  del logit_bias  # Invariant to a shared bias, as softmax.
+  if keys is None:  # Every row its own key: exactly the softmax targets.
+    return softmax_loss(zimg, ztxt, logit_scale, mesh=mesh)
+  zimg, ztxt, scale = _f32(zimg, ztxt, logit_scale)
+  keys = jnp.asarray(keys, jnp.int32)
+  n = zimg.shape[0]
+  if keys.shape != (n,):
+    raise ValueError(f"keys have shape {keys.shape}; expected ({n},), one "
+                     "int32 key per row of the global batch.")
+  if mesh is None:
+    return _multi_positive_dense(zimg, ztxt, scale, keys)
+  _check_divisible(n, mesh)
+
+  def body(zimg, ztxt, keys, scale, axes):
+    scale = jax.lax.pcast(scale, axes, to="varying")
+    rows = zimg.shape[0]
+    ztxt_all = jax.lax.all_gather(ztxt, axes, tiled=True)
+    zimg_all = jax.lax.all_gather(zimg, axes, tiled=True)
+    groups = _positive_groups(jax.lax.all_gather(keys, axes, tiled=True))
+    mine = jax.lax.dynamic_slice_in_dim(
+        groups, jax.lax.axis_index(axes) * rows, rows)
+    # Sum over row i's positives j of logit (i, j), divided by their count
+    # c_i: scale * zimg_i . (sum of group g_i's texts) / c_i; the same with
+    # the roles swapped for the txt->img direction.
+    counts = jax.ops.segment_sum(jnp.ones(n, jnp.float32), groups, n)[mine]
+    txt_sums = jax.ops.segment_sum(ztxt_all, groups, n)[mine]
+    img_sums = jax.ops.segment_sum(zimg_all, groups, n)[mine]
+    positives = scale * jnp.sum(
+        (jnp.sum(zimg * txt_sums, axis=1) + jnp.sum(ztxt * img_sums, axis=1))
+        / counts)
+    local = (jnp.sum(_tiled_logsumexp(zimg, ztxt_all, scale, rows)) +
+             jnp.sum(_tiled_logsumexp(ztxt, zimg_all, scale, rows)) -
+             positives)
+    return jax.lax.psum(local, axes) / (2 * n)
+
+  return _sharded(mesh, body, zimg, ztxt, keys, scale)
+
+
+VSE_MARGIN = 0.2  # Faghri et al. 2018.
+
+
+def _hinges(negatives, positives, margin):
+  return jax.nn.relu(margin - positives + negatives)
+
+
+def _vse_max_dense(zimg, ztxt, margin):
+  similarity = zimg @ ztxt.T
+  positives = jnp.diagonal(similarity)
+  masked = jax.lax.stop_gradient(jnp.where(
+      jnp.eye(zimg.shape[0], dtype=bool), -jnp.inf, similarity))
+  # argmax, not max: the gradient goes to the lowest index among ties, as
+  # in the sharded loss.
+  hardest_txt = ztxt[jnp.argmax(masked, axis=1)]
+  hardest_img = zimg[jnp.argmax(masked, axis=0)]
+  return jnp.sum(
+      _hinges(jnp.sum(zimg * hardest_txt, axis=1), positives, margin) +
+      _hinges(jnp.sum(ztxt * hardest_img, axis=1), positives, margin)
+  ) / zimg.shape[0]
+
+
+def _hardest_negative(rows, cols, offset):
+  """[n] global column index of each row's most similar column, its own
+  positive (column offset + row) excluded; ties: the lowest index.
+  No gradient: a scan over [n, n] tiles keeping a running max and argmax."""
+  rows, cols = jax.lax.stop_gradient((rows, cols))
+  tile = rows.shape[0]
+  own = offset + jnp.arange(tile)
+
+  def step(t, carry):
+    best, best_index = carry
+    block = rows @ jax.lax.dynamic_slice_in_dim(cols, t * tile, tile).T
+    index = t * tile + jnp.arange(tile)
+    block = jnp.where(index[None, :] == own[:, None], -jnp.inf, block)
+    better = block.max(axis=1) > best  # Strictly: earlier tiles win ties.
+    return (jnp.where(better, block.max(axis=1), best),
+            jnp.where(better, t * tile + jnp.argmax(block, axis=1),
+                      best_index))
+
+  # *_like of device-varying values: the carry must vary like the body's.
+  init = (jnp.full_like(rows[:, 0], -jnp.inf), jnp.zeros_like(own))
+  _, index = jax.lax.fori_loop(0, cols.shape[0] // tile, step, init)
+  return index
+
+
+def _hinge_sum(rows, cols, positives, margin, offset):
+  """Sum over rows r and columns c != offset + r of the hinges
+  [margin - positives_r + rows_r . cols_c]_+, [n, n] tiles at a time; the
+  checkpointed body is recomputed in the backward pass."""
+  tile = rows.shape[0]
+  own = offset + jnp.arange(tile)
+
+  @jax.checkpoint
+  def step(total, index_and_block):
+    index, block = index_and_block
+    hinges = _hinges(rows @ block.T, positives[:, None], margin)
+    hinges = jnp.where(index[None, :] == own[:, None], 0.0, hinges)
+    return total + jnp.sum(hinges), None
+
+  tiles = _tiles(cols, tile)
+  indices = jnp.arange(cols.shape[0]).reshape(tiles.shape[0], tile)
+  total, _ = jax.lax.scan(step, jnp.zeros_like(positives[0]),
+                          (indices, tiles))
+  return total
+
+
+def _vse_sum_dense(zimg, ztxt, margin):
+  similarity = zimg @ ztxt.T
+  positives = jnp.diagonal(similarity)
+  off_diagonal = ~jnp.eye(zimg.shape[0], dtype=bool)
+  row_hinges = _hinges(similarity, positives[:, None], margin)
+  col_hinges = _hinges(similarity, positives[None, :], margin)
+  return jnp.sum(jnp.where(off_diagonal, row_hinges + col_hinges, 0.0)
+                 ) / zimg.shape[0]
+
+
+def _vse_loss(zimg, ztxt, mesh, margin, hardest: bool):
+  zimg, ztxt = _f32(zimg, ztxt)
+  n = zimg.shape[0]
+  if mesh is None:
+    return (_vse_max_dense if hardest else _vse_sum_dense)(zimg, ztxt, margin)
+  _check_divisible(n, mesh)
+
+  def body(zimg, ztxt, axes):
+    rows = zimg.shape[0]
+    offset = jax.lax.axis_index(axes) * rows
+    ztxt_all = jax.lax.all_gather(ztxt, axes, tiled=True)
+    zimg_all = jax.lax.all_gather(zimg, axes, tiled=True)
+    positives = jnp.sum(zimg * ztxt, axis=1)
+    if hardest:
+      txt = ztxt_all[_hardest_negative(zimg, ztxt_all, offset)]
+      img = zimg_all[_hardest_negative(ztxt, zimg_all, offset)]
+      local = jnp.sum(
+          _hinges(jnp.sum(zimg * txt, axis=1), positives, margin) +
+          _hinges(jnp.sum(ztxt * img, axis=1), positives, margin))
+    else:
+      local = (_hinge_sum(zimg, ztxt_all, positives, margin, offset) +
+               _hinge_sum(ztxt, zimg_all, positives, margin, offset))
+    return jax.lax.psum(local, axes) / n
+
+  return _sharded(mesh, body, zimg, ztxt)
+
+
+def vse_max_loss(zimg, ztxt, logit_scale=None, logit_bias=None, mesh=None,
+                 keys=None, margin=VSE_MARGIN):
+  del logit_scale, logit_bias, keys  # Raw cosines (module docstring).
+  return _vse_loss(zimg, ztxt, mesh, margin, hardest=True)
+
+
+def vse_sum_loss(zimg, ztxt, logit_scale=None, logit_bias=None, mesh=None,
+                 keys=None, margin=VSE_MARGIN):
+  del logit_scale, logit_bias, keys
+  return _vse_loss(zimg, ztxt, mesh, margin, hardest=False)
+
+
 LOSSES = {
     "softmax": softmax_loss,
     "sigmoid": sigmoid_loss,
     "sigmoid_chunked": sigmoid_chunked_loss,
+    "multi_positive": multi_positive_loss,
+    "vse_max": vse_max_loss,
+    "vse_sum": vse_sum_loss,
 }
+KEYED_LOSSES = ("multi_positive",)  # Take keys= (the batch's 'loss_key').
+MARGIN_LOSSES = ("vse_max", "vse_sum")  # Take margin= (config.vse_margin).
+LOSS_KEYS = ("label", "caption_hash")  # config.loss_key: batch fields.
 
 
 def get_loss(name: str):
@@ -366,3 +619,12 @@ def get_loss(name: str):
     raise ValueError(
         f"Unknown loss {name!r}; valid names: {', '.join(sorted(LOSSES))}.")
   return LOSSES[name]
+
+
+def loss_from_config(config):
+  """get_loss(config.loss), with config.vse_margin bound for the VSE
+  losses."""
+  fn = get_loss(config.loss)
+  if config.loss in MARGIN_LOSSES:
+    return functools.partial(fn, margin=float(config.vse_margin))
+  return fn

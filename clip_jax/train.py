@@ -234,6 +234,23 @@ def train(config, workdir: str, *, data=None,
   return result
 
 
+def step_inputs(local_batch, config) -> dict:
+  """The fields of a pipeline batch the train step reads: image, text and,
+  for a keyed loss (losses.KEYED_LOSSES), train_state.LOSS_KEY = the field
+  config.loss_key names ('label' or 'caption_hash')."""
+  inputs = {k: local_batch[k] for k in ("image", "text")}
+  if config.loss in losses.KEYED_LOSSES:
+    if config.loss_key not in local_batch:
+      raise ValueError(
+          f"config.loss={config.loss!r} takes its keys from the batch field "
+          f"config.loss_key={config.loss_key!r}, which this data iterator "
+          f"does not yield (it has {sorted(local_batch)}); use a clip_jax "
+          "data pipeline or another config.loss_key.")
+    inputs[train_state.LOSS_KEY] = np.asarray(
+        local_batch[config.loss_key], np.int32)
+  return inputs
+
+
 def _shut_down(data_iter, ckpt, *, raise_errors: bool) -> None:
   """Stops, in this order, the input pipeline's threads and worker
   processes, then orbax's last write and its threads: nothing may still
@@ -251,7 +268,7 @@ def _train(config, workdir, ckpt, data_iter, dataset_size, *, is_main,
            allow_config_change, resume_command) -> TrainResult:
   mesh = sharding_lib.make_mesh(config.mesh)
   model = two_towers.build_run_model(config)
-  loss_fn = losses.get_loss(config.loss)
+  loss_fn = losses.loss_from_config(config)
   total_steps = config_lib.steps("total", config, batch_size=config.batch_size,
                                  dataset_size=dataset_size)
   warmup_steps = config_lib.steps("warmup", config,
@@ -369,8 +386,8 @@ def _loop(config, workdir, ckpt, writer, data_iter, dataset_size, *, model,
     while step < total_steps:
       local_batch = next(data_iter)
       counted_skips += int(np.sum(local_batch.pop("num_skipped", 0)))
-      batch = sharding_lib.host_to_global(
-          {k: local_batch[k] for k in ("image", "text")}, mesh)
+      batch = sharding_lib.host_to_global(step_inputs(local_batch, config),
+                                          mesh)
       state, metrics = step_fn(state, batch)
       step += 1
       window_steps += 1

@@ -21,6 +21,8 @@ micro-batches, each spread over all devices (`split_microbatches`):
            each micro-batch under jax.vjp with its slice of the embedding
            gradient and sum the parameter gradients. The gradient is that of
            the full-batch loss; only one micro-batch's activations are alive.
+           A batch's 'loss_key' (LOSS_KEY) is split and merged like the
+           embeddings, so it stays row-aligned with them.
   'naive'  each micro-batch's own loss (its own negatives only), losses and
            gradients averaged over micro-batches: the ablation baseline.
 """
@@ -40,6 +42,9 @@ METRIC_NAMES = ("loss", "logit_scale", "logit_bias", "grad_norm", "lr",
 ACCUM_MODES = ("exact", "naive")
 # Params the loss uses directly (not through the embeddings).
 SCALAR_PARAMS = ("logit_scale", "logit_bias")
+# Optional batch field: int32 [B] per-example keys for the keyed losses
+# (losses.KEYED_LOSSES, e.g. multi_positive); see train.step_inputs.
+LOSS_KEY = "loss_key"
 
 
 def init_params(model, config, rng):
@@ -107,11 +112,16 @@ def scalars(model, params):
   return model.apply({"params": params}, None, None)[2]
 
 
-def contrastive_loss(loss_fn, zimg, ztxt, out, mesh):
+def contrastive_loss(loss_fn, zimg, ztxt, out, mesh, keys=None):
+  """`keys`: the batch's 'loss_key' (int32 [N], batch-sharded, row-aligned
+  with zimg / ztxt), passed only when present (a loss_fn without a keys
+  argument works on unkeyed batches); losses.KEYED_LOSSES use it, the
+  other registered losses ignore it."""
   bias = out.get("logit_bias")
+  extra = {} if keys is None else {"keys": keys}
   return loss_fn(zimg, ztxt, out["logit_scale"],
                  jnp.zeros((), jnp.float32) if bias is None else bias,
-                 mesh=mesh)
+                 mesh=mesh, **extra)
 
 
 def split_microbatches(x, accum_steps: int, mesh):
@@ -187,7 +197,8 @@ def make_loss_and_grads(model, loss_fn, mesh, param_shardings, *,
   def loss_of_params(params, batch):
     params = stop_frozen_gradients(params, frozen)
     zimg, ztxt, out = embed(model, params, batch, train=True)
-    return contrastive_loss(loss_fn, zimg, ztxt, out, mesh)
+    return contrastive_loss(loss_fn, zimg, ztxt, out, mesh,
+                            batch.get(LOSS_KEY))
 
   if accum_steps == 1:  # Today's program: one forward and backward, no scan.
     return jax.value_and_grad(loss_of_params)
@@ -224,13 +235,17 @@ def make_loss_and_grads(model, loss_fn, mesh, param_shardings, *,
     # applied to both modalities alike, since pairs stay row-aligned.
     zimg = merge_microbatches(zimgs, mesh)
     ztxt = merge_microbatches(ztxts, mesh)
+    # The keys go through the same split and merge, so they stay aligned
+    # with the rows (merge o split is the identity).
+    keys = (None if LOSS_KEY not in micro
+            else merge_microbatches(micro[LOSS_KEY], mesh))
 
     # 2. The full-batch loss and its gradient w.r.t. the embeddings and the
     # scale / bias params (the existing sharded loss, unchanged).
     def loss_of(zimg, ztxt, scalar_params):
       out = scalars(model, stop_frozen_gradients(
           {**params, **scalar_params}, frozen))
-      return contrastive_loss(loss_fn, zimg, ztxt, out, mesh)
+      return contrastive_loss(loss_fn, zimg, ztxt, out, mesh, keys)
 
     scalar_params = {k: params[k] for k in SCALAR_PARAMS if k in params}
     loss, (dzimg, dztxt, dscalars) = jax.value_and_grad(

@@ -6,7 +6,8 @@ r"""CLIP (Radford et al. 2021): softmax InfoNCE, learnable temperature.
 
 Arguments (after the colon, comma-separated):
   model   image tower variant: B/32 (default), B/16, L/14, S/16, tiny, mu.
-  loss    softmax (default), sigmoid, sigmoid_chunked.
+  loss    softmax (default), sigmoid, sigmoid_chunked, or another
+          losses.LOSSES name (multi_positive, vse_max, vse_sum).
   batch   global batch size (default 32768, the paper's).
   tiny    CPU-sized towers, 32 px synthetic data, a few steps (for smoke
           tests and development).
@@ -32,8 +33,9 @@ arXiv 2103.00020, Appendix F; table numbers of that version):
       Section 2.4. Context 77 = the paper's 76 + [SOS].
   Activation quick_gelu (x * sigmoid(1.702 x)): not in the paper; OpenAI's
       released code (model.py QuickGELU).
-With loss=sigmoid the SigLIP scale/bias init is used (see configs/siglip.py
-for the rest of that recipe).
+With loss=sigmoid (or sigmoid_chunked) the SigLIP scale/bias init is used
+(see configs/siglip.py for the rest of that recipe); the other losses keep
+CLIP's.
 """
 
 import ml_collections
@@ -75,7 +77,7 @@ def get_config(arg=None):
                 vocab_size=49408, context_length=77, pool="eos",
                 causal=True, eos_id=1, pad_id=0),
   ))
-  if arg.loss != "softmax":
+  if arg.loss in ("sigmoid", "sigmoid_chunked"):
     c.model.logit_scale_init = 10.0
     c.model.logit_scale_max = config_dict.placeholder(float)  # No cap.
     c.model.logit_bias_init = -10.0

@@ -191,3 +191,44 @@ def test_unknown_accum_mode_is_rejected():
   config.accum_mode = "approximate"
   with pytest.raises(ValueError, match="accum_mode='approximate'"):
     config_lib.validate(config, device_count=8)
+
+
+def test_multi_positive_keys_follow_their_rows_through_exact_accumulation():
+  """accum_steps=4 (one row per device per micro-batch) equals the
+  full-batch step for the keyed loss, whose keys must be split and merged
+  like the embeddings; and the full-batch value is the float64 NumPy loss
+  of the same keys on the host embeddings (the keys reached the loss in
+  their rows' order)."""
+  from clip_jax import numpy_losses  # pylint: disable=g-import-not-at-top
+  config = _config("multi_positive", (2, 4), "fsdp")
+  mesh, model, tx, _ = _setup(config)
+  state, shardings = train_state.create_state(model, tx, config, mesh)
+  host = random_batch(config)
+  # Few distinct keys (many positives per row) and some -1 (no key).
+  host[train_state.LOSS_KEY] = np.random.default_rng(7).integers(
+      -1, 5, size=BATCH).astype(np.int32)
+  batch = sharding_lib.host_to_global(host, mesh)
+
+  def loss_and_grads(accum_steps, loss="multi_positive", batch=batch):
+    return jax.device_get(jax.jit(train_state.make_loss_and_grads(
+        model, losses.get_loss(loss), mesh, shardings["params"],
+        accum_steps=accum_steps, accum_mode="exact"))(state["params"], batch))
+
+  ref_loss, ref = loss_and_grads(1)
+  exact_loss, exact = loss_and_grads(4)
+  np.testing.assert_allclose(exact_loss, ref_loss, rtol=1e-6)
+  for name in ref:
+    scale = _max_abs(ref[name])
+    jax.tree_util.tree_map(
+        lambda a, b, n=name, s=scale: np.testing.assert_allclose(
+            a, b, rtol=1e-5, atol=1e-5 * s, err_msg=n),
+        exact[name], ref[name])
+  params = jax.device_get(state["params"])
+  zimg, ztxt, out = train_state.embed(model, params, host)
+  want, _ = numpy_losses.loss_and_grads(
+      "multi_positive", np.float64(zimg), np.float64(ztxt),
+      float(out["logit_scale"]), 0.0, keys=host[train_state.LOSS_KEY])
+  np.testing.assert_allclose(ref_loss, want, rtol=1e-5)
+  # Control: the keys change the loss (softmax on the same batch differs).
+  softmax_loss, _ = loss_and_grads(1, "softmax")
+  assert abs(softmax_loss - ref_loss) > 1e-3, (softmax_loss, ref_loss)

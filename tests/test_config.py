@@ -172,6 +172,10 @@ _BAD_CONFIGS = [
     ("batch_size", 0, ["config.batch_size=0", "must be > 0"]),
     ("max_consecutive_nonfinite", 0,
      ["config.max_consecutive_nonfinite=0", ">= 1"]),
+    # Loss options.
+    ("loss_key", "caption", ["config.loss_key='caption'", "'label'",
+                             "'caption_hash'"]),
+    ("vse_margin", -0.1, ["config.vse_margin=-0.1", "[0, 2)", "0.2"]),
     # Freeze and init.
     ("freeze", "img/(.*", ["config.freeze='img/(.*'", "not a regex",
                            "'img/.*'"]),

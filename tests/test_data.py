@@ -1,5 +1,6 @@
 """Input pipeline and transforms: order, sharding, state, bad data."""
 
+import hashlib
 import io
 import json
 import os
@@ -493,6 +494,35 @@ def test_training_samples_among_captions(monkeypatch, tok):
                                              batch_size_per_process=4)
            for row in b["text"]}
   assert texts == {"a photo of a thing", "another caption"}
+
+
+def test_caption_hash_is_equal_for_equal_captions_only(monkeypatch, tok):
+  """caption_hash: blake2b of the caption's UTF-8 bytes (an independent
+  computation here), stable across runs, non-negative int32."""
+  records = [{"image": _png_bytes(i), "captions": [c]}
+             for i, c in enumerate(["a photo of a thing", "another caption",
+                                    "a photo of a thing", "café ☕"])]
+  config = _list_config(monkeypatch, records, context_length=16)
+  batch = _batches(config, 1, tokenizer=tok, batch_size_per_process=4)[0]
+  want = {i: int.from_bytes(hashlib.blake2b(
+      records[i]["captions"][0].encode("utf-8"), digest_size=4).digest(),
+                            "little") % 2**31 for i in range(4)}
+  assert batch["caption_hash"].dtype == np.int32
+  assert [int(h) for h in batch["caption_hash"]] == [
+      want[int(i)] for i in batch["label"]]
+  by_label = dict(zip(batch["label"].tolist(),
+                      batch["caption_hash"].tolist()))
+  assert by_label[0] == by_label[2] != by_label[1] != by_label[3]
+  # Pre-tokenised records hash their token ids (int32 little-endian).
+  tokens = [[5, 6, 7], [5, 6], [5, 6, 7], [300]]
+  config = _list_config(monkeypatch, [
+      {"image": _png_bytes(i), "tokens": t} for i, t in enumerate(tokens)])
+  batch = _batches(config, 1, batch_size_per_process=4)[0]
+  want = [int.from_bytes(hashlib.blake2b(
+      np.asarray(tokens[int(i)], "<i4").tobytes(), digest_size=4).digest(),
+                         "little") % 2**31 for i in batch["label"]]
+  assert batch["caption_hash"].tolist() == want
+  assert len(set(want)) == 3
 
 
 def test_class_name_caption_names_skin_tone_variants_like_their_class(

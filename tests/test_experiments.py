@@ -27,11 +27,12 @@ def with_overrides(config, overrides):
   return config
 
 
-def test_there_are_six_experiments():
+def test_there_are_seven_experiments():
   names = {os.path.basename(os.path.dirname(p)) for p in EXPERIMENTS}
   assert names == {"sigmoid_vs_softmax_batch", "siglip_bias_temperature_init",
                    "learnable_temperature", "prompt_ensembling",
-                   "gradient_accumulation", "effective_robustness"}
+                   "gradient_accumulation", "effective_robustness",
+                   "multi_positive"}
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS,

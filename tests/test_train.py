@@ -158,3 +158,44 @@ def test_nonfinite_loss_with_finite_gradients_is_skipped():
       state, sharding_lib.host_to_global(random_batch(config), mesh))
   assert int(metrics["train/nonfinite_steps"]) == 1
   assert _bits(jax.device_get(state["params"])) == _bits(before)
+
+
+def test_step_inputs_carry_the_configured_loss_key():
+  """A keyed loss gets config.loss_key's batch field as 'loss_key'; other
+  losses get image and text only; a missing field is a clear error."""
+  from clip_jax import train  # pylint: disable=g-import-not-at-top
+  batch = {"image": np.zeros((4, 2)), "text": np.zeros((4, 3), np.int32),
+           "label": np.array([3, 3, -1, 5]),
+           "caption_hash": np.array([7, 8, 7, 9]), "num_skipped": 0}
+  config = tiny_config("multi_positive", "replicate")
+  for field in ("label", "caption_hash"):
+    config.loss_key = field
+    inputs = train.step_inputs(batch, config)
+    assert sorted(inputs) == ["image", "loss_key", "text"]
+    assert inputs["loss_key"].dtype == np.int32
+    np.testing.assert_array_equal(inputs["loss_key"], batch[field])
+  config.loss = "softmax"
+  assert sorted(train.step_inputs(batch, config)) == ["image", "text"]
+  config.loss = "multi_positive"
+  with pytest.raises(ValueError, match="config.loss_key='caption_hash'.*"
+                     "does not yield"):
+    train.step_inputs({k: batch[k] for k in ("image", "text", "label")},
+                      config)
+
+
+@pytest.mark.parametrize("loss", ["vse_max", "vse_sum"])
+def test_vse_losses_leave_the_logit_scale_untouched(loss):
+  """VSE++ uses raw cosines: the scale's gradient is exactly 0, so AdamW
+  (which never decays it) leaves it bit-identical while the towers move."""
+  config = tiny_config(loss, "replicate")
+  config.vse_margin = 0.5
+  step_fn, state, mesh = _step_fn(config, losses.loss_from_config(config),
+                                  np.log(100.0))
+  before = jax.device_get(state["params"])
+  for seed in range(2):
+    state, metrics = step_fn(state, sharding_lib.host_to_global(
+        random_batch(config, seed=seed), mesh))
+    assert float(metrics["loss"]) > 0
+  after = jax.device_get(state["params"])
+  assert _bits(after["logit_scale"]) == _bits(before["logit_scale"])
+  assert _bits(after["img_proj"]) != _bits(before["img_proj"])

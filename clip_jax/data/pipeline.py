@@ -46,6 +46,10 @@ Batches (dicts of numpy arrays, leading dim b):
                models/two_towers), or float32 normalised here;
   text         int32 [b, L], tokenised with the EOS policy;
   label        int32 [b], the source's class index, -1 if it has none;
+  caption_hash int32 [b], caption_hash() of the caption the text tower sees
+               (after templates; of the token ids for pre-tokenised
+               records): equal captions, equal hashes, in every process
+               and run (multi_positive's config.loss_key='caption_hash');
   num_skipped  int32 [b]; its sum is the number of bad examples dropped
                while making this batch.
 Batches are full (the remainder of a finite stream is dropped). Evaluation
@@ -142,6 +146,7 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import queue
@@ -241,9 +246,10 @@ class PreprocessOptions:
 class Preprocess(grain.transforms.RandomMap):
   """Raw record -> fixed-shape example; never raises on bad data.
 
-  Output: image uint8 [S, S, 3], text int32 [L], label (int32), style
-  float32 [5] (transforms.draw_style: this example's colour / blur draw,
-  applied to whole batches by the iterator; NO_STYLE if none), valid (False
+  Output: image uint8 [S, S, 3], text int32 [L], label (int32),
+  caption_hash (int32, of the caption tokenised), style float32 [5]
+  (transforms.draw_style: this example's colour / blur draw, applied to
+  whole batches by the iterator; NO_STYLE if none), valid (False
   for a bad record: zero arrays, `error` says why), id (str). One caption
   is sampled at random.
   """
@@ -256,7 +262,8 @@ class Preprocess(grain.transforms.RandomMap):
     out = {"image": np.zeros((o.image_size, o.image_size, 3), np.uint8),
            "text": np.zeros((o.context_length,), np.int32),
            "style": transforms.NO_STYLE,
-           "label": np.int32(-1), "valid": False,
+           "label": np.int32(-1), "caption_hash": np.int32(-1),
+           "valid": False,
            "id": str(record.get("id", "")), "error": ""}
     try:
       out["label"] = np.int32(record.get("label", -1))
@@ -265,6 +272,7 @@ class Preprocess(grain.transforms.RandomMap):
       if "tokens" in record:
         tokens = np.asarray(record["tokens"], np.int32)[:o.context_length]
         out["text"][:len(tokens)] = tokens
+        out["caption_hash"] = caption_hash(tokens.astype("<i4").tobytes())
       else:
         captions = [c for c in record.get("captions") or [] if c.strip()]
         if o.class_names and record.get("label", -1) >= 0:
@@ -279,6 +287,7 @@ class Preprocess(grain.transforms.RandomMap):
               int(rng.integers(len(o.caption_templates)))]
           caption = template.format(caption)
         caption = clip_caption(caption, o.context_length)
+        out["caption_hash"] = caption_hash(caption.encode("utf-8"))
         out["text"] = self.tokenizer.encode([caption], o.context_length,
                                             o.eos_policy)[0]
       out["image"], scale = transforms.augment_geometry(
@@ -294,6 +303,15 @@ class Preprocess(grain.transforms.RandomMap):
       return out
     out["valid"] = True
     return out
+
+
+def caption_hash(data: bytes) -> np.int32:
+  """A stable non-negative int32 of a caption's bytes (blake2b's first 31
+  bits; not Python's hash(), which is salted per process). Two different
+  captions collide with probability 2^-31: in a batch of N, N^2 / 2^32
+  pairs are expected to (0.25 at N = 32,768), each a false positive."""
+  digest = hashlib.blake2b(data, digest_size=4).digest()
+  return np.int32(int.from_bytes(digest, "little") & 0x7FFFFFFF)
 
 
 def clip_caption(caption: str, context_length: int) -> str:
@@ -358,7 +376,7 @@ class _TrainShard(grain.MapDataset):
     return f"_TrainShard({self._index}/{self._count}, block={self._block})"
 
 
-_CHUNK_ARRAYS = ("image", "text", "label", "style")
+_CHUNK_ARRAYS = ("image", "text", "label", "caption_hash", "style")
 _CHUNK_LISTS = ("valid", "id", "error")
 
 
@@ -520,6 +538,8 @@ class DataIterator:
     batch = {"image": images,
              "text": np.stack([r["text"] for r in rows]).astype(np.int32),
              "label": np.array([r["label"] for r in rows], np.int32),
+             "caption_hash": np.array([r["caption_hash"] for r in rows],
+                                      np.int32),
              "num_skipped": np.array(skipped, np.int32)}
     return batch
 
