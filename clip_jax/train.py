@@ -34,6 +34,7 @@ again to resume. A second Ctrl-C aborts without a checkpoint. Exit statuses:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shlex
 import sys
 import time
@@ -45,7 +46,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from clip_jax import checkpoint as checkpoint_lib
-from clip_jax import cli, losses, optim, pretrained, train_state
+from clip_jax import cli, losses, optim, pretrained, slip, train_state
 from clip_jax import config as config_lib
 from clip_jax import metrics as metrics_lib
 from clip_jax import plot as plot_lib
@@ -118,7 +119,7 @@ def make_train_data(config):
   return pipeline.make_train_iterator(
       config.data, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      tokenizer=tokenizer)
+      tokenizer=tokenizer, ssl_views=slip.view_options(config))
 
 
 def check_resume(config, stored, *, workdir: str, step: int,
@@ -248,6 +249,9 @@ def _train(config, workdir, ckpt, data_iter, dataset_size, *, is_main,
   mesh = sharding_lib.make_mesh(config.mesh)
   model = two_towers.build_run_model(config)
   loss_fn = losses.get_loss(config.loss)
+  if config.get("label_smoothing"):  # 0: the loss function as it is.
+    loss_fn = functools.partial(loss_fn,
+                                label_smoothing=config.label_smoothing)
   total_steps = config_lib.steps("total", config, batch_size=config.batch_size,
                                  dataset_size=dataset_size)
   warmup_steps = config_lib.steps("warmup", config,
@@ -328,7 +332,9 @@ def _loop(config, workdir, ckpt, writer, data_iter, dataset_size, *, model,
       max_log_logit_scale=two_towers.max_log_logit_scale(config.model),
       accum_steps=config.accum_steps, accum_mode=config.accum_mode,
       frozen=(optim.frozen_mask(param_shapes, config.freeze)
-              if config.get("freeze") else None))
+              if config.get("freeze") else None),
+      extra_terms=([slip.make_term(model, config, mesh)]
+                   if slip.enabled(config) else ()))
   has_bias = config.model.get("logit_bias_init") is not None
   max_nonfinite = config.get("max_consecutive_nonfinite") or 0
   step = int(jax.device_get(state["step"]))
@@ -366,7 +372,8 @@ def _loop(config, workdir, ckpt, writer, data_iter, dataset_size, *, model,
       local_batch = next(data_iter)
       counted_skips += int(np.sum(local_batch.pop("num_skipped", 0)))
       batch = sharding_lib.host_to_global(
-          {k: local_batch[k] for k in ("image", "text")}, mesh)
+          {k: local_batch[k] for k in ("image", "text", slip.VIEWS_KEY)
+           if k in local_batch}, mesh)
       state, metrics = step_fn(state, batch)
       step += 1
       window_steps += 1
