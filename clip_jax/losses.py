@@ -456,3 +456,17 @@ def get_loss(name: str):
     raise ValueError(
         f"Unknown loss {name!r}; valid names: {', '.join(sorted(LOSSES))}.")
   return LOSSES[name]
+
+
+def loss_from_config(config):
+  """The run's loss: LOSSES[config.loss], with config.label_smoothing
+  bound when it is not 0 (softmax only; config.validate checks it)."""
+  loss_fn = get_loss(config.loss)
+  smoothing = config.get("label_smoothing") or 0.0
+  if not smoothing:
+    return loss_fn  # The registry's function itself: today's program.
+  if loss_fn is not softmax_loss:
+    raise ValueError(
+        f"config.label_smoothing={smoothing} needs config.loss='softmax', "
+        f"got {config.loss!r}.")
+  return functools.partial(loss_fn, label_smoothing=float(smoothing))

@@ -34,7 +34,6 @@ again to resume. A second Ctrl-C aborts without a checkpoint. Exit statuses:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import shlex
 import sys
 import time
@@ -248,10 +247,7 @@ def _train(config, workdir, ckpt, data_iter, dataset_size, *, is_main,
            allow_config_change, resume_command) -> TrainResult:
   mesh = sharding_lib.make_mesh(config.mesh)
   model = two_towers.build_run_model(config)
-  loss_fn = losses.get_loss(config.loss)
-  if config.get("label_smoothing"):  # 0: the loss function as it is.
-    loss_fn = functools.partial(loss_fn,
-                                label_smoothing=config.label_smoothing)
+  loss_fn = losses.loss_from_config(config)  # (+ label smoothing)
   total_steps = config_lib.steps("total", config, batch_size=config.batch_size,
                                  dataset_size=dataset_size)
   warmup_steps = config_lib.steps("warmup", config,

@@ -166,3 +166,19 @@ def test_label_smoothing_out_of_range():
   a = jnp.ones((8, E))
   with pytest.raises(ValueError, match=r"label_smoothing=1.0 must be in"):
     losses.softmax_loss(a, a, 1.0, label_smoothing=1.0)
+
+
+def test_loss_from_config_binds_label_smoothing():
+  config = ml_collections.ConfigDict(dict(loss="softmax",
+                                          label_smoothing=0.0))
+  assert losses.loss_from_config(config) is losses.softmax_loss
+  config.label_smoothing = 0.1
+  a, b = _pairs(seed=4)
+  value = losses.loss_from_config(config)(jnp.float32(a), jnp.float32(b),
+                                          10.0, None)
+  np.testing.assert_allclose(float(value),
+                             numpy_smoothed_softmax(a, b, 10.0, 0.1)[0],
+                             rtol=2e-5)
+  config.loss = "sigmoid"
+  with pytest.raises(ValueError, match="label_smoothing=0.1 needs"):
+    losses.loss_from_config(config)
