@@ -97,8 +97,8 @@ MESHES = [None] + [(s, False) for s in MESH_SHAPES] + [((4, 2), True),
                                                         ((8, 1), True)]
 
 
-@pytest.mark.parametrize("mesh_key", MESHES, ids=str)
-@pytest.mark.parametrize("tau", [0.1, 0.5])
+@pytest.mark.parametrize("mesh_key,tau", [(m, 0.1) for m in MESHES]
+                         + [(None, 0.5), (((4, 2), True), 0.5)], ids=str)
 def test_nt_xent_matches_numpy(mesh_key, tau):
   mesh = None if mesh_key is None else _mesh(*mesh_key)
   h1, h2 = _pairs(seed=1)
@@ -133,8 +133,8 @@ def test_nt_xent_rejects_bad_inputs():
                         mesh=_mesh((8, 1)))
 
 
-@pytest.mark.parametrize("mesh_key", MESHES, ids=str)
-@pytest.mark.parametrize("eps", [0.1, 0.5])
+@pytest.mark.parametrize("mesh_key,eps", [(m, 0.1) for m in MESHES]
+                         + [(None, 0.5), (((4, 2), True), 0.5)], ids=str)
 def test_label_smoothing_matches_numpy(mesh_key, eps):
   mesh = None if mesh_key is None else _mesh(*mesh_key)
   a, b = _pairs(seed=2, noise=0.7)
