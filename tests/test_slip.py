@@ -272,3 +272,23 @@ def test_training_with_slip_logs_both_terms(tmp_path):
   with open(tmp_path / "metrics.jsonl") as f:
     logged = [json.loads(line) for line in f]
   assert any("slip/ssl_loss" in row for row in logged)
+
+
+def test_runs_from_before_the_new_keys_resume_without_the_flag():
+  """A stored config without slip / label_smoothing / optimizer (older
+  runs) resumes with today's defaults; turning SLIP on still needs
+  --allow_config_change."""
+  new = tiny(0.0)
+  stored = tiny(0.0)
+  for key in ("slip", "label_smoothing", "optimizer"):
+    del stored[key]
+
+  def resume(config):
+    return train.check_resume(config, stored, workdir="w", step=3,
+                              mismatches=[], allow_change=False,
+                              schedules=None)
+
+  assert "Resuming from checkpoint 3" in resume(new)
+  new.slip.weight = 1.0
+  with pytest.raises(ValueError, match="slip.weight"):
+    resume(new)
