@@ -182,3 +182,20 @@ def test_loss_from_config_binds_label_smoothing():
   config.loss = "sigmoid"
   with pytest.raises(ValueError, match="label_smoothing=0.1 needs"):
     losses.loss_from_config(config)
+
+
+def test_nt_xent_communication_is_gathers_and_scalar_reductions():
+  """Both views are gathered ([N, E] each); the embedding gradients come
+  back through reduce-scatter, never an [N, E] all-reduce."""
+  import re  # pylint: disable=g-import-not-at-top
+  mesh = _mesh((4, 2))
+  h1, h2 = _put(mesh, *_pairs(seed=5))
+  hlo = jax.jit(jax.grad(lambda a, b: losses.nt_xent_loss(
+      a, b, 0.1, mesh=mesh), argnums=(0, 1))).lower(h1, h2).compile(
+          ).as_text()
+  assert "all-gather" in hlo
+  assert "reduce-scatter" in hlo or "all-to-all" in hlo
+  for line in hlo.splitlines():
+    if re.search(r"\ball-reduce(-start)?\(", line):
+      result_type = line.split("=", 1)[1].split("all-reduce")[0]
+      assert not re.search(r"f32\[\d", result_type), line

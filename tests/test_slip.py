@@ -292,3 +292,23 @@ def test_runs_from_before_the_new_keys_resume_without_the_flag():
   new.slip.weight = 1.0
   with pytest.raises(ValueError, match="slip.weight"):
     resume(new)
+
+
+def test_no_extra_terms_is_the_plain_loss_and_grads_program():
+  """SLIP off: the hook adds nothing to the compiled loss and gradient."""
+  config = tiny(0.0)
+  model = two_towers.build_run_model(config)
+  mesh = _mesh(permuted=False)
+  params = jax.eval_shape(lambda: train_state.init_params(
+      model, config, jax.random.key(0)))
+  batch = _batch(config)
+  del batch["image_views"]
+  args = (params, jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch))
+  plain = jax.jit(train_state.make_loss_and_grads(
+      model, losses.get_loss("softmax"), mesh, None))
+  hooked = jax.jit(lambda p, b: train_state.make_loss_aux_and_grads(
+      model, losses.get_loss("softmax"), mesh, None)(p, b)[:2])
+  strip = lambda text: text.split("\n", 1)[1]  # The module's name differs.
+  assert strip(plain.lower(*args).as_text()) == strip(
+      hooked.lower(*args).as_text())
