@@ -103,6 +103,12 @@ def make_term(model, config, mesh):
   temperature = float(config.slip.temperature)
 
   def term(params, batch, embeddings):
+    if VIEWS_KEY not in batch:
+      raise ValueError(
+          f"config.slip.weight={weight} (SLIP) but the batch has no "
+          f"{VIEWS_KEY!r} (keys: {sorted(batch)}); make the data with "
+          "pipeline.make_train_iterator(..., ssl_views="
+          "slip.view_options(config)), as train.make_train_data does.")
     views = batch[VIEWS_KEY]  # [B, 2, S, S, 3], sharded over B.
     rows = views.shape[0]
     # [B, 2, ...] -> [2B, ...] keeps each device's rows on it (row 2i is

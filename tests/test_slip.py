@@ -312,3 +312,11 @@ def test_no_extra_terms_is_the_plain_loss_and_grads_program():
   strip = lambda text: text.split("\n", 1)[1]  # The module's name differs.
   assert strip(plain.lower(*args).as_text()) == strip(
       hooked.lower(*args).as_text())
+
+
+def test_a_batch_without_views_is_a_clear_error():
+  config = tiny(1.0)
+  model = two_towers.build_run_model(config)
+  term = slip.make_term(model, config, None)
+  with pytest.raises(ValueError, match="has no 'image_views'.*ssl_views"):
+    term({}, {"image": None, "text": None}, {})
