@@ -521,6 +521,29 @@ def _check_accumulation(config, *, device_count: int, **_) -> None:
         f"config.max_consecutive_nonfinite={limit!r} must be an integer >= 1.")
 
 
+def _check_loss_options(config, **_) -> None:
+  from clip_jax import optim, slip  # pylint: disable=g-import-not-at-top
+  smoothing = config.get("label_smoothing", 0.0)
+  if not 0 <= smoothing < 1:
+    raise ValueError(f"config.label_smoothing={smoothing} must be in [0, 1) "
+                     "(ALIGN: 0.1; 0 = none).")
+  if smoothing and config.loss != "softmax":
+    raise ValueError(
+        f"config.label_smoothing={smoothing} needs config.loss='softmax' "
+        f"(got {config.loss!r}); the sigmoid losses have no softmax "
+        "targets to smooth. Set label_smoothing=0.")
+  name = config.get("optimizer", "adamw")
+  if name not in optim.OPTIMIZERS:
+    raise _not_one_of("optimizer", name, optim.OPTIMIZERS)
+  if name == "lamb" and config.get("wd_convention") == "decoupled":
+    raise ValueError(
+        "config.optimizer='lamb' with config.wd_convention='decoupled': "
+        "LAMB adds wd x weights to the update before its trust ratio (the "
+        "paper's and optax's LAMB), so wd is passed as it is; set "
+        "wd_convention='coupled'.")
+  slip.check_config(config)
+
+
 def _check_evals(config, **_) -> None:
   from clip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from clip_jax.evals import run as eval_run  # pylint: disable=g-import-not-at-top
@@ -559,6 +582,7 @@ CHECKS = (
     ("data keys", _check_data),
     ("optimiser, durations, sharding rules", _check_optimizer),
     ("freeze and init regexes, init workdir", _check_freeze_and_init),
+    ("loss options: label smoothing, optimiser, SLIP", _check_loss_options),
     ("evals", _check_evals),
 )
 
@@ -700,6 +724,8 @@ def base_config() -> ml_collections.ConfigDict:
   # 'caption_hash' (equal caption texts, for web data). Other losses: unused.
   c.loss_key = "label"
   c.vse_margin = 0.2            # vse_max / vse_sum hinge margin (cosine).
+  # Label smoothing of the softmax loss's targets (ALIGN: 0.1); 0 = none.
+  c.label_smoothing = 0.0
   # Gradient accumulation (see clip_jax/train_state.py): each step runs the
   # global batch as accum_steps micro-batches, each spread over all devices.
   # 'exact': the full-batch contrastive gradient (GradCache); 'naive': each
@@ -713,6 +739,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
 
   # Optimiser: see clip_jax/optim.py for each key.
+  c.optimizer = "adamw"         # 'adamw' | 'lamb' (ALIGN), see optim.py.
   c.lr = 5e-4
   c.wd = 0.2
   c.wd_convention = "coupled"   # 'coupled' (x lr, PyTorch) | 'decoupled'.
@@ -742,6 +769,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, slices=1,
                                           dcn_granule="slice"))
   c.sharding_rules = ((".*", "replicate"),)  # A tuple: overridable by flag.
+
+  # SLIP: a SimCLR loss between two augmented views of each image, through
+  # the image tower and an MLP head; weight 0 = off. See clip_jax/slip.py.
+  c.slip = ml_collections.ConfigDict(dict(
+      weight=0.0, temperature=0.1,
+      mlp_dim=config_dict.placeholder(int),
+      out_dim=config_dict.placeholder(int),
+      view_crop_scale=(0.08, 1.0), view_style_strength=0.4, view_flip=True))
 
   # Input: see clip_jax/data/pipeline.py for each key.
   c.data = ml_collections.ConfigDict()

@@ -216,14 +216,35 @@ def _tiled_logsumexp_bwd(tile, residuals, g):
 _tiled_logsumexp.defvjp(_tiled_logsumexp_fwd, _tiled_logsumexp_bwd)
 
 
+def _smoothing_term(rows, keys_all, scale):
+  """scale * sum_i rows_i . mean_j keys_j: the sum over rows of each row's
+  mean logit, the part label smoothing adds to the targets."""
+  return scale * jnp.sum(rows @ jnp.mean(keys_all, axis=0))
+
+
 def softmax_loss(zimg, ztxt, logit_scale, logit_bias=None, mesh=None,
-                 keys=None):
+                 keys=None, label_smoothing: float = 0.0):
+  """CLIP's InfoNCE, both directions; `label_smoothing` eps (ALIGN's 0.1,
+  as torch's cross_entropy(label_smoothing=eps)) makes each row's target
+  (1 - eps) one-hot + eps / N uniform, so a row's term is
+  lse - (1 - eps) z_pos - eps mean_j z_j. eps = 0 is the plain loss (and
+  the same program: the smoothing terms are not traced)."""
   del logit_bias, keys  # InfoNCE is invariant to a shared bias.
+  if not 0.0 <= label_smoothing < 1.0:
+    raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1).")
   zimg, ztxt, scale = _f32(zimg, ztxt, logit_scale)
   n = zimg.shape[0]
+  eps = float(label_smoothing)
   if mesh is None:
-    return (_softmax_sum(zimg, ztxt, scale, 0) +
-            _softmax_sum(ztxt, zimg, scale, 0)) / (2 * n)
+    if not eps:
+      return (_softmax_sum(zimg, ztxt, scale, 0) +
+              _softmax_sum(ztxt, zimg, scale, 0)) / (2 * n)
+    positives = scale * jnp.sum(zimg * ztxt)
+    lse = (jnp.sum(jax.nn.logsumexp(_logits(zimg, ztxt, scale), axis=1)) +
+           jnp.sum(jax.nn.logsumexp(_logits(ztxt, zimg, scale), axis=1)))
+    smooth = (_smoothing_term(zimg, ztxt, scale) +
+              _smoothing_term(ztxt, zimg, scale))
+    return (lse - 2 * (1 - eps) * positives - eps * smooth) / (2 * n)
   _check_divisible(n, mesh)
 
   def body(zimg, ztxt, scale, axes):
@@ -237,8 +258,13 @@ def softmax_loss(zimg, ztxt, logit_scale, logit_bias=None, mesh=None,
     # scale * zimg_i . ztxt_i in both directions.
     positives = scale * jnp.sum(zimg * ztxt)
     local = (jnp.sum(_tiled_logsumexp(zimg, ztxt_all, scale, tile)) +
-             jnp.sum(_tiled_logsumexp(ztxt, zimg_all, scale, tile)) -
-             2 * positives)
+             jnp.sum(_tiled_logsumexp(ztxt, zimg_all, scale, tile)))
+    if eps:
+      local = local - 2 * (1 - eps) * positives - eps * (
+          _smoothing_term(zimg, ztxt_all, scale) +
+          _smoothing_term(ztxt, zimg_all, scale))
+    else:
+      local = local - 2 * positives
     return jax.lax.psum(local, axes) / (2 * n)
 
   return _sharded(mesh, body, zimg, ztxt, scale)
@@ -600,6 +626,69 @@ def vse_sum_loss(zimg, ztxt, logit_scale=None, logit_bias=None, mesh=None,
   return _vse_loss(zimg, ztxt, mesh, margin, hardest=False)
 
 
+def _nt_xent_sum(views, keys_all, offset, n_global, temperature):
+  """Sum over this device's 2n anchors of NT-Xent's cross-entropy.
+
+  views: [2, n, E] this device's rows of both views; keys_all: [2N, E]
+  (view 1's N rows, then view 2's). Anchor (v, i) is global row
+  g = offset + i of view v: its logits are its similarities / temperature
+  to all 2N keys, its own key (column v N + g) masked out, its positive
+  the other view's row (column (1 - v) N + g).
+  """
+  n = views.shape[1]
+  rows = views.reshape(2 * n, -1)
+  logits = (rows @ keys_all.T) / temperature  # [2n, 2N]
+  view = jnp.repeat(jnp.arange(2), n)
+  g = offset + jnp.tile(jnp.arange(n), 2)
+  own = view * n_global + g
+  positive = (1 - view) * n_global + g
+  columns = jnp.arange(2 * n_global)[None, :]
+  logits = jnp.where(columns == own[:, None], -jnp.inf, logits)
+  correct = jnp.take_along_axis(logits, positive[:, None], axis=1)[:, 0]
+  return jnp.sum(jax.nn.logsumexp(logits, axis=1) - correct)
+
+
+def nt_xent_loss(h1, h2, temperature: float, mesh=None):
+  """SimCLR's NT-Xent (Chen et al. 2020) between two views, as SLIP uses it.
+
+  h1, h2: L2-normalised [N, E] embeddings of two augmentations of the same
+  N images (row i of each is a positive pair). The 2N embeddings form a
+  2N x 2N similarity matrix divided by `temperature`; each of the 2N rows
+  is a softmax cross-entropy over the other 2N - 1 columns (its own
+  column masked), its target the other view of its image. Returns the mean
+  over the 2N rows (facebookresearch/SLIP's SIMCLRLoss: the mean of its two
+  directions' means). float32 whatever the input dtype.
+
+  With `mesh` (batch sharded over all its axes, as the other losses) each
+  device gathers both views ([2N, E]) and computes its own 2n rows of the
+  logits, [2n, 2N] (not tiled like softmax_loss: the SSL head is narrow and
+  SLIP itself holds these rows); the embedding gradients come back through
+  all_gather's transpose (a reduce-scatter).
+  """
+  if temperature <= 0:
+    raise ValueError(f"NT-Xent temperature={temperature} must be > 0.")
+  h1, h2 = _f32(h1, h2)
+  n = h1.shape[0]
+  if h2.shape != h1.shape:
+    raise ValueError(f"The two views' embeddings differ in shape: "
+                     f"{h1.shape} vs {h2.shape}.")
+  if mesh is None:
+    keys = jnp.concatenate([h1, h2])
+    return _nt_xent_sum(jnp.stack([h1, h2]), keys, 0, n,
+                        temperature) / (2 * n)
+  _check_divisible(n, mesh)
+
+  def body(h1, h2, axes):
+    local_n = h1.shape[0]
+    offset = jax.lax.axis_index(axes) * local_n
+    keys = jnp.concatenate([jax.lax.all_gather(h1, axes, tiled=True),
+                            jax.lax.all_gather(h2, axes, tiled=True)])
+    local = _nt_xent_sum(jnp.stack([h1, h2]), keys, offset, n, temperature)
+    return jax.lax.psum(local, axes) / (2 * n)
+
+  return _sharded(mesh, body, h1, h2)
+
+
 LOSSES = {
     "softmax": softmax_loss,
     "sigmoid": sigmoid_loss,
@@ -622,9 +711,18 @@ def get_loss(name: str):
 
 
 def loss_from_config(config):
-  """get_loss(config.loss), with config.vse_margin bound for the VSE
-  losses."""
-  fn = get_loss(config.loss)
+  """The run's loss: LOSSES[config.loss] with its options bound:
+  config.vse_margin for the VSE losses, config.label_smoothing (softmax
+  only) when it is not 0. Otherwise the registry's function itself, so the
+  program is today's."""
+  loss_fn = get_loss(config.loss)
   if config.loss in MARGIN_LOSSES:
-    return functools.partial(fn, margin=float(config.vse_margin))
-  return fn
+    return functools.partial(loss_fn, margin=float(config.vse_margin))
+  smoothing = config.get("label_smoothing") or 0.0
+  if not smoothing:
+    return loss_fn
+  if loss_fn is not softmax_loss:
+    raise ValueError(
+        f"config.label_smoothing={smoothing} needs config.loss='softmax', "
+        f"got {config.loss!r}.")
+  return functools.partial(loss_fn, label_smoothing=float(smoothing))

@@ -1,6 +1,11 @@
 """The optax chain from config: clipping, AdamW, warmup + decay schedule.
 
 Config keys (top level of the experiment config):
+  optimizer:      'adamw' (default) | 'lamb' (You et al. 2019, optax.lamb:
+                  Adam moments from adam.b1/b2/eps, wd x weights added to
+                  the update, then the layer-wise trust ratio; ALIGN's).
+                  With 'lamb' wd is passed as it is (wd_convention must
+                  be 'coupled').
   lr:             peak learning rate.
   wd:             decoupled weight decay; how much per step depends on
                   wd_convention.
@@ -50,6 +55,7 @@ import numpy as np
 import optax
 
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "lamb")
 WD_CONVENTIONS = ("coupled", "decoupled")
 # apply_if_finite's counter saturates at the int32 maximum, never above it.
 NEVER_GIVE_UP = int(np.iinfo(np.int32).max)
@@ -152,7 +158,11 @@ def make_optimizer(config, params, *, total_steps: int, warmup_steps: int):
   chain = []
   if config.grad_clip_norm is not None:
     chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
-  chain.append(optax.adamw(
+  name = config.get("optimizer", "adamw")
+  if name not in OPTIMIZERS:
+    raise ValueError(
+        f"config.optimizer={name!r} is not one of {OPTIMIZERS}.")
+  chain.append((optax.lamb if name == "lamb" else optax.adamw)(
       schedule, b1=config.adam.b1, b2=config.adam.b2, eps=config.adam.eps,
       weight_decay=weight_decay_per_lr(config),
       # A function of the (possibly masked) tree it is given, so it also

@@ -45,7 +45,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from clip_jax import checkpoint as checkpoint_lib
-from clip_jax import cli, losses, optim, pretrained, train_state
+from clip_jax import cli, losses, optim, pretrained, slip, train_state
 from clip_jax import config as config_lib
 from clip_jax import metrics as metrics_lib
 from clip_jax import plot as plot_lib
@@ -118,7 +118,7 @@ def make_train_data(config):
   return pipeline.make_train_iterator(
       config.data, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      tokenizer=tokenizer)
+      tokenizer=tokenizer, ssl_views=slip.view_options(config))
 
 
 def check_resume(config, stored, *, workdir: str, step: int,
@@ -235,10 +235,12 @@ def train(config, workdir: str, *, data=None,
 
 
 def step_inputs(local_batch, config) -> dict:
-  """The fields of a pipeline batch the train step reads: image, text and,
-  for a keyed loss (losses.KEYED_LOSSES), train_state.LOSS_KEY = the field
+  """The fields of a pipeline batch the train step reads: image, text,
+  SLIP's views when the pipeline made them (slip.VIEWS_KEY) and, for a
+  keyed loss (losses.KEYED_LOSSES), train_state.LOSS_KEY = the field
   config.loss_key names ('label' or 'caption_hash')."""
-  inputs = {k: local_batch[k] for k in ("image", "text")}
+  inputs = {k: local_batch[k] for k in ("image", "text", slip.VIEWS_KEY)
+            if k in local_batch}
   if config.loss in losses.KEYED_LOSSES:
     if config.loss_key not in local_batch:
       raise ValueError(
@@ -349,7 +351,9 @@ def _loop(config, workdir, ckpt, writer, data_iter, dataset_size, *, model,
       max_log_logit_scale=two_towers.max_log_logit_scale(config.model),
       accum_steps=config.accum_steps, accum_mode=config.accum_mode,
       frozen=(optim.frozen_mask(param_shapes, config.freeze)
-              if config.get("freeze") else None))
+              if config.get("freeze") else None),
+      extra_terms=([slip.make_term(model, config, mesh)]
+                   if slip.enabled(config) else ()))
   has_bias = config.model.get("logit_bias_init") is not None
   max_nonfinite = config.get("max_consecutive_nonfinite") or 0
   step = int(jax.device_get(state["step"]))

@@ -25,6 +25,14 @@ micro-batches, each spread over all devices (`split_microbatches`):
            embeddings, so it stays row-aligned with them.
   'naive'  each micro-batch's own loss (its own negatives only), losses and
            gradients averaged over micro-batches: the ablation baseline.
+
+Extra loss terms (`extra_terms`, e.g. slip.make_term): functions
+  term(params, batch, embeddings) -> (value, {metric name: scalar})
+added to the contrastive loss inside the same differentiated function;
+`embeddings` is {'zimg', 'ztxt', 'out' (scale / bias), 'contrastive_loss'}
+of this batch, `params` already have the frozen ones' gradients stopped.
+Their metrics join the step's. With no extra terms the step is the
+program it was before the hook existed; with them, accum_steps must be 1.
 """
 
 from __future__ import annotations
@@ -269,6 +277,46 @@ def make_loss_and_grads(model, loss_fn, mesh, param_shardings, *,
   return exact if accum_mode == "exact" else naive
 
 
+def make_loss_aux_and_grads(model, loss_fn, mesh, param_shardings, *,
+                            accum_steps: int = 1, accum_mode: str = "exact",
+                            frozen=None, extra_terms=()):
+  """f(params, batch) -> (loss, grads, metrics of the extra terms).
+
+  Without extra terms: make_loss_and_grads's function, metrics {}.
+  """
+  if not extra_terms:
+    inner = make_loss_and_grads(model, loss_fn, mesh, param_shardings,
+                                accum_steps=accum_steps,
+                                accum_mode=accum_mode, frozen=frozen)
+    return lambda params, batch: (*inner(params, batch), {})
+  if accum_steps != 1:
+    raise ValueError(
+        f"accum_steps={accum_steps} with extra loss terms: gradient "
+        "accumulation does not support them; use accum_steps=1.")
+
+  def loss_of_params(params, batch):
+    params = stop_frozen_gradients(params, frozen)
+    zimg, ztxt, out = embed(model, params, batch, train=True)
+    loss = contrastive_loss(loss_fn, zimg, ztxt, out, mesh,
+                            batch.get(LOSS_KEY))
+    embeddings = {"zimg": zimg, "ztxt": ztxt, "out": out,
+                  "contrastive_loss": loss}
+    metrics = {}
+    for term in extra_terms:
+      value, term_metrics = term(params, batch, embeddings)
+      loss = loss + value
+      metrics.update(term_metrics)
+    return loss, metrics
+
+  grad_fn = jax.value_and_grad(loss_of_params, has_aux=True)
+
+  def loss_aux_and_grads(params, batch):
+    (loss, metrics), grads = grad_fn(params, batch)
+    return loss, grads, metrics
+
+  return loss_aux_and_grads
+
+
 def _finite_where(applied, new, old):
   return jax.tree_util.tree_map(lambda n, o: jnp.where(applied, n, o), new,
                                 old)
@@ -277,8 +325,11 @@ def _finite_where(applied, new, old):
 def make_train_step(model, tx, loss_fn, schedule, mesh, state_shardings,
                     *, max_log_logit_scale: float | None,
                     accum_steps: int = 1, accum_mode: str = "exact",
-                    frozen=None):
+                    frozen=None, extra_terms=()):
   """Returns step(state, batch) -> (state, metrics), jitted and donating.
+
+  `extra_terms`: loss terms added to the contrastive loss (see the module
+  docstring); their metrics are logged with the step's.
 
   `frozen` (optim.frozen_mask of config.freeze, or None): parameters that
   get no gradient and stay bit-identical (tx must freeze the same ones).
@@ -289,9 +340,10 @@ def make_train_step(model, tx, loss_fn, schedule, mesh, state_shardings,
   'train/nonfinite_steps' (run total, kept in the optimiser state, so in the
   checkpoint) and 'train/nonfinite_consecutive'.
   """
-  loss_and_grads = make_loss_and_grads(
+  loss_and_grads = make_loss_aux_and_grads(
       model, loss_fn, mesh, state_shardings["params"],
-      accum_steps=accum_steps, accum_mode=accum_mode, frozen=frozen)
+      accum_steps=accum_steps, accum_mode=accum_mode, frozen=frozen,
+      extra_terms=tuple(extra_terms))
 
   def step(state, batch):
     old_params, old_opt = state["params"], state["opt"]
@@ -299,7 +351,7 @@ def make_train_step(model, tx, loss_fn, schedule, mesh, state_shardings,
       raise TypeError(
           f"The optimiser state is a {type(old_opt).__name__}, expected "
           "optax.ApplyIfFiniteState: build tx with optim.make_optimizer.")
-    loss, grads = loss_and_grads(old_params, batch)
+    loss, grads, term_metrics = loss_and_grads(old_params, batch)
     # apply_if_finite looks at the gradients only: a non-finite loss with
     # finite gradients must be skipped too.
     grads = jax.tree_util.tree_map(
@@ -327,6 +379,7 @@ def make_train_step(model, tx, loss_fn, schedule, mesh, state_shardings,
         "lr": schedule(state["step"] - old_opt.total_notfinite),
         "train/nonfinite_steps": opt.total_notfinite,
         "train/nonfinite_consecutive": opt.notfinite_count,
+        **term_metrics,
     }
     metrics = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32),
                                      metrics)

@@ -181,6 +181,10 @@ _BAD_CONFIGS = [
                            "'img/.*'"]),
     ("init.workdir", "/nonexistent/run",
      ["config.init.workdir='/nonexistent/run'", "no checkpoints/ folder"]),
+    # Loss options.
+    ("label_smoothing", 1.0, ["config.label_smoothing=1.0", "[0, 1)"]),
+    ("optimizer", "lamd", ["config.optimizer='lamd'", "Did you mean 'lamb'"]),
+    ("slip.temperature", 0.0, ["config.slip.temperature=0.0", "> 0"]),
 ]
 
 

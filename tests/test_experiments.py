@@ -27,12 +27,29 @@ def with_overrides(config, overrides):
   return config
 
 
-def test_there_are_seven_experiments():
+ABLATIONS = {"sigmoid_vs_softmax_batch", "siglip_bias_temperature_init",
+             "learnable_temperature", "prompt_ensembling",
+             "gradient_accumulation", "effective_robustness"}  # Issue 11.
+METHODS = {"multi_positive", "slip"}  # Issue 13.
+
+
+def test_every_experiment_is_listed():
   names = {os.path.basename(os.path.dirname(p)) for p in EXPERIMENTS}
-  assert names == {"sigmoid_vs_softmax_batch", "siglip_bias_temperature_init",
-                   "learnable_temperature", "prompt_ensembling",
-                   "gradient_accumulation", "effective_robustness",
-                   "multi_positive"}
+  assert names == ABLATIONS | METHODS
+
+
+def test_slip_sweep_compares_clip_with_clip_plus_slip():
+  path = os.path.join(ROOT, "experiments", "slip", "config.py")
+  points = sweep.load_sweep(path)
+  weights = sorted({p["slip.weight"] for p in points})
+  assert weights == [0.0, 1.0]
+  assert sorted(p["seed"] for p in points) == [0, 0, 1, 1, 2, 2]
+  for overrides in points:
+    config = with_overrides(sweep.load_point_config(path, overrides),
+                            overrides)
+    from clip_jax import slip  # pylint: disable=g-import-not-at-top
+    assert slip.enabled(config) == (overrides["slip.weight"] > 0)
+    assert (config.total_steps, config.batch_size) == (2400, 256)
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS,

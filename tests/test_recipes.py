@@ -6,6 +6,9 @@ weight by (1 - per-step decay):
   CLIP (PyTorch AdamW): w <- w (1 - lr(t) wd), wd = 0.2, lr(peak) = 5e-4.
   SigLIP (big_vision):  w <- w (1 - wd lr(t) / lr), wd = 1e-4: 1e-4 per
                         step at the peak, whatever the base lr.
+  ALIGN (LAMB):         Adam's direction plus wd w, rescaled per tensor by
+                        the trust ratio ||w|| / ||direction + wd w||, then
+                        times lr(t) (You et al. 2019, written in NumPy).
 """
 
 import os
@@ -108,6 +111,12 @@ def test_unknown_convention_is_named():
                        logit_scale_max=None, logit_bias_init=-10.0,
                        image_pool="map", text_pool="last", causal=False,
                        activation="gelu", vocab_size=32000)),
+    ("align.py", dict(b1=0.9, b2=0.999, eps=1e-6, warmup_steps=10_000,
+                      batch_size=16384, schedule="linear", min_lr_ratio=0.0,
+                      logit_scale_init=1.0, logit_scale_max=None,
+                      logit_bias_init=None, image_pool="cls",
+                      text_pool="first", causal=False, activation="gelu",
+                      vocab_size=30522)),
 ])
 def test_recipe_values_match_the_docstring_citations(name, values):
   """The values each config's docstring cites from its paper."""
@@ -142,3 +151,69 @@ def test_runs_from_before_wd_convention_resume_without_the_flag():
   new.wd_convention = "decoupled"
   with pytest.raises(ValueError, match="wd_convention"):
     resume(new)
+
+
+def test_align_recipe_values():
+  """The values configs/align.py's docstring cites (Section 5 and HF)."""
+  c = recipe("align.py")
+  assert (c.optimizer, c.lr, c.wd, c.wd_convention) == ("lamb", 1e-3, 1e-5,
+                                                        "coupled")
+  assert (c.total_steps, c.label_smoothing, c.model.embed_dim) == (
+      1_200_000, 0.1, 640)
+  assert (c.model.text.depth, c.model.text.width, c.model.text.heads) == (
+      24, 1024, 16)
+  config_lib.validate(c, device_count=8)
+
+
+def test_align_schedule_warms_up_then_decays_linearly_to_zero():
+  c = recipe("align.py")
+  schedule = optim.make_schedule(c, total_steps=c.total_steps,
+                                 warmup_steps=c.warmup_steps)
+  for step, want in [(0, 0.0), (5_000, 5e-4), (10_000, 1e-3),
+                     (605_000, 5e-4), (1_200_000, 0.0)]:
+    np.testing.assert_allclose(float(schedule(step)), want, rtol=1e-6,
+                               atol=1e-12)
+
+
+def numpy_lamb(w, grads, lrs, b1, b2, eps, wd):
+  """LAMB on one weight matrix, float64: the weights after each step."""
+  m, v, out = np.zeros_like(w), np.zeros_like(w), []
+  for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    direction = (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps) + wd * w
+    ratio = np.linalg.norm(w) / np.linalg.norm(direction)
+    w = w - lr * ratio * direction
+    out.append(w)
+  return out
+
+
+def test_align_uses_lamb_as_written():
+  c = recipe("align.py", "tiny")
+  c.wd = 0.05  # Large enough that a wrong decay would show.
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(4, 3))
+  grads = [rng.normal(size=(4, 3)) for _ in range(TOTAL)]
+  tx, schedule = optim.make_optimizer(c, {"kernel": jnp.float32(w)},
+                                      total_steps=TOTAL,
+                                      warmup_steps=WARMUP)
+  params = {"kernel": jnp.float32(w)}
+  state, got = tx.init(params), []
+  update = jax.jit(tx.update)
+  for g in grads:
+    updates, state = update({"kernel": jnp.float32(g)}, state, params)
+    params = optax.apply_updates(params, updates)
+    got.append(np.asarray(params["kernel"]))
+  lrs = [float(schedule(t)) for t in range(TOTAL)]
+  want = numpy_lamb(w, grads, lrs, 0.9, 0.999, 1e-6, 0.05)
+  np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5,
+                             atol=1e-6)
+  assert not np.allclose(want[-1], w)  # It moved.
+
+
+def test_lamb_rejects_the_decoupled_convention():
+  c = recipe("align.py", "tiny")
+  c.wd_convention = "decoupled"
+  with pytest.raises(ValueError, match="optimizer='lamb' with "
+                     "config.wd_convention='decoupled'"):
+    config_lib.validate(c, device_count=8)

@@ -50,6 +50,11 @@ Batches (dicts of numpy arrays, leading dim b):
                (after templates; of the token ids for pre-tokenised
                records): equal captions, equal hashes, in every process
                and run (multi_positive's config.loss_key='caption_hash');
+  image_views  only with `ssl_views` (SLIP, clip_jax/slip.py): two more
+               independently augmented views of each image, [b, 2, S, S,
+               3], uint8 or float32 like `image` (crop, flip and style
+               drawn from the example's generator after its other draws,
+               so `image` and `text` are the same with or without them);
   num_skipped  int32 [b]; its sum is the number of bad examples dropped
                while making this batch.
 Batches are full (the remainder of a finite stream is dropped). Evaluation
@@ -241,6 +246,7 @@ class PreprocessOptions:
   class_names: tuple | None = None  # Sampled as captions too (training).
   caption_templates: tuple | None = None
   jpeg_decoder: str = "pillow"
+  ssl_views: object | None = None  # slip.ViewOptions: SLIP's two views.
 
 
 class Preprocess(grain.transforms.RandomMap):
@@ -265,6 +271,9 @@ class Preprocess(grain.transforms.RandomMap):
            "label": np.int32(-1), "caption_hash": np.int32(-1),
            "valid": False,
            "id": str(record.get("id", "")), "error": ""}
+    if o.ssl_views is not None:  # Same keys for bad records (chunking).
+      out["image_views"] = np.zeros((2, *out["image"].shape), np.uint8)
+      out["view_style"] = np.stack([transforms.NO_STYLE] * 2)
     try:
       out["label"] = np.int32(record.get("label", -1))
       if record.get("error"):
@@ -296,6 +305,9 @@ class Preprocess(grain.transforms.RandomMap):
           jpeg_decoder=o.jpeg_decoder)
       if o.style_strength > 0:  # Applied batch-wise, later.
         out["style"] = transforms.draw_style(rng, o.style_strength, scale)
+      if o.ssl_views is not None:  # After every other draw (see above).
+        out["image_views"], out["view_style"] = ssl_views(
+            record.get("image"), o, rng)
     except Exception as e:  # noqa: BLE001  pylint: disable=broad-except
       # Bad data (PIL raises OSError, ValueError, SyntaxError, ...) must not
       # crash a run; the error text goes into the skip report.
@@ -312,6 +324,22 @@ def caption_hash(data: bytes) -> np.int32:
   pairs are expected to (0.25 at N = 32,768), each a false positive."""
   digest = hashlib.blake2b(data, digest_size=4).digest()
   return np.int32(int.from_bytes(digest, "little") & 0x7FFFFFFF)
+
+
+def ssl_views(image, o: PreprocessOptions, rng):
+  """(uint8 [2, S, S, 3], style [2, 5]): SLIP's two views of `image`, each
+  its own random resized crop and flip, and style draw (applied per batch,
+  as the main image's)."""
+  v = o.ssl_views
+  pixels, styles = [], []
+  for _ in range(2):
+    view, scale = transforms.augment_geometry(
+        image, o.image_size, rng, crop_scale=v.crop_scale, flip=v.flip,
+        jpeg_decoder=o.jpeg_decoder)
+    pixels.append(view)
+    styles.append(transforms.draw_style(rng, v.style_strength, scale)
+                  if v.style_strength > 0 else transforms.NO_STYLE)
+  return np.stack(pixels), np.stack(styles)
 
 
 def clip_caption(caption: str, context_length: int) -> str:
@@ -377,21 +405,24 @@ class _TrainShard(grain.MapDataset):
 
 
 _CHUNK_ARRAYS = ("image", "text", "label", "caption_hash", "style")
+_OPTIONAL_ARRAYS = ("image_views", "view_style")  # SLIP's, when asked for.
 _CHUNK_LISTS = ("valid", "id", "error")
 
 
 def _stack_chunk(rows):
   """grain batch_fn: examples -> one chunk (arrays stacked, the rest in
   lists: ids and errors are strings of any length)."""
-  chunk = {k: np.stack([r[k] for r in rows]) for k in _CHUNK_ARRAYS}
+  arrays = _CHUNK_ARRAYS + tuple(k for k in _OPTIONAL_ARRAYS if k in rows[0])
+  chunk = {k: np.stack([r[k] for r in rows]) for k in arrays}
   chunk.update({k: [r[k] for r in rows] for k in _CHUNK_LISTS})
   return chunk
 
 
 def _unchunk(chunks, skip: int):
   """Examples (dicts) of an iterator of chunks, after the first `skip`."""
-  keys = _CHUNK_ARRAYS + _CHUNK_LISTS
   for chunk in chunks:
+    keys = _CHUNK_ARRAYS + _CHUNK_LISTS + tuple(
+        k for k in _OPTIONAL_ARRAYS if k in chunk)
     for r in range(skip, len(chunk["valid"])):
       yield {k: chunk[k][r] for k in keys}
     skip = 0
@@ -541,7 +572,20 @@ class DataIterator:
              "caption_hash": np.array([r["caption_hash"] for r in rows],
                                       np.int32),
              "num_skipped": np.array(skipped, np.int32)}
+    if "image_views" in rows[0]:
+      batch["image_views"] = self._views(rows)
     return batch
+
+  def _views(self, rows):
+    """SLIP's views [b, 2, S, S, 3], styled and (maybe) normalised."""
+    views = np.stack([r["image_views"] for r in rows])
+    flat = views.reshape(-1, *views.shape[2:])
+    styles = np.concatenate([r["view_style"] for r in rows])
+    if np.any(styles != transforms.NO_STYLE):
+      flat = transforms.apply_style(flat, styles)
+    if not self._uint8_images:
+      flat = transforms.normalize(flat, self._mean, self._std)
+    return flat.reshape(*views.shape[:2], *flat.shape[1:])
 
   def _produce(self, output: queue.Queue, stop: threading.Event):
     """The prefetch thread: batches (with the state after each) -> output."""
@@ -632,7 +676,8 @@ class DataIterator:
     self.close()
 
 
-def _preprocess_options(c, source, split: str) -> PreprocessOptions:
+def _preprocess_options(c, source, split: str,
+                        ssl_views=None) -> PreprocessOptions:
   crop = c.get("random_resized_crop")
   class_names = None
   if c.get("class_name_caption"):
@@ -650,7 +695,7 @@ def _preprocess_options(c, source, split: str) -> PreprocessOptions:
       outline_prob=float(c.get("outline_prob") or 0.0),
       class_names=class_names,
       caption_templates=_caption_templates(c.get("caption_templates")),
-      jpeg_decoder=c.get("jpeg_decoder") or "pillow")
+      jpeg_decoder=c.get("jpeg_decoder") or "pillow", ssl_views=ssl_views)
 
 
 class _WdsDataIterator(DataIterator):
@@ -730,7 +775,7 @@ class _WdsDataIterator(DataIterator):
 
 
 def _make_wds_dataset(c, *, split, batch_size_per_process, seed, tokenizer,
-                      shard_index, shard_count, num_epochs):
+                      shard_index, shard_count, num_epochs, ssl_views=None):
   """make_dataset for source 'wds' (see data/wds.py)."""
   if not c.get("path"):
     raise ValueError("config.data.source='wds' needs config.data.path (tar "
@@ -740,7 +785,8 @@ def _make_wds_dataset(c, *, split, batch_size_per_process, seed, tokenizer,
                          process_count=shard_count,
                          buffer_size=c.get("shuffle_buffer") or 1,
                          num_epochs=num_epochs)
-  preprocess = Preprocess(_preprocess_options(c, None, split), tokenizer)
+  preprocess = Preprocess(_preprocess_options(c, None, split, ssl_views),
+                          tokenizer)
   fingerprint = {"source": "wds", "shards": wds.shard_list_digest(tars),
                  "seed": seed, "batch_size": batch_size_per_process,
                  "shard": [shard_index, shard_count],
@@ -758,13 +804,15 @@ def _make_wds_dataset(c, *, split, batch_size_per_process, seed, tokenizer,
 def make_dataset(data_config, *, split: str, batch_size_per_process: int,
                  seed: int, tokenizer, shard_index: int = 0,
                  shard_count: int = 1,
-                 num_epochs: int | None = None) -> DataIterator:
+                 num_epochs: int | None = None,
+                 ssl_views=None) -> DataIterator:
   """This process's batches of `split` (see the module docstring).
 
   `tokenizer`: a tokenizer.Tokenizer (None for pre-tokenised sources);
   shard_index / shard_count: jax.process_index() / jax.process_count().
   Training: shuffled with `seed`, `num_epochs` passes (None = forever),
-  full batches.
+  full batches. `ssl_views` (slip.view_options): batches also hold SLIP's
+  two views of each image (`image_views`).
   """
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index={shard_index} is not in [0, "
@@ -778,12 +826,13 @@ def make_dataset(data_config, *, split: str, batch_size_per_process: int,
     return _make_wds_dataset(
         c, split=split, batch_size_per_process=batch_size_per_process,
         seed=seed, tokenizer=tokenizer, shard_index=shard_index,
-        shard_count=shard_count, num_epochs=num_epochs)
+        shard_count=shard_count, num_epochs=num_epochs, ssl_views=ssl_views)
   source = sources.get_source(c, split)
   if len(source) == 0:  # pylint: disable=g-explicit-length-test
     raise ValueError(f"config.data.source={c.source!r} split {split!r} has "
                      "no examples.")
-  preprocess = Preprocess(_preprocess_options(c, source, split), tokenizer)
+  preprocess = Preprocess(_preprocess_options(c, source, split, ssl_views),
+                          tokenizer)
   ds = grain.MapDataset.source(_GuardedSource(source)).seed(seed)
   ds = ds.shuffle().repeat(num_epochs).random_map(preprocess)
   ds = _TrainShard(ds, block=batch_size_per_process, index=shard_index,
@@ -812,10 +861,11 @@ def make_dataset(data_config, *, split: str, batch_size_per_process: int,
 
 def make_train_iterator(data_config, *, global_batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1,
-                        tokenizer=None):
+                        tokenizer=None, ssl_views=None):
   """(this process's endless training iterator, examples per epoch).
 
-  `tokenizer` defaults to get_tokenizer(data_config).
+  `tokenizer` defaults to get_tokenizer(data_config); `ssl_views`: see
+  make_dataset.
   """
   if global_batch_size % process_count:
     raise ValueError(
@@ -826,5 +876,5 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int,
       batch_size_per_process=global_batch_size // process_count, seed=seed,
       tokenizer=tokenizer or get_tokenizer(data_config),
       shard_index=process_index,
-      shard_count=process_count)
+      shard_count=process_count, ssl_views=ssl_views)
   return iterator, iterator.num_examples

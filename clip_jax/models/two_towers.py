@@ -72,7 +72,9 @@ Params: {'img': ViT, 'txt': TextTransformer, 'img_proj', 'txt_proj'
 (Dense from each tower's width to embed_dim, kept outside the towers;
 bias-free unless text_projection_bias; no img_proj if not
 image_projection), 'logit_scale' (float32 scalar, log of the scale),
-'logit_bias' (float32 scalar, only when logit_bias_init is set)}. With the
+'logit_bias' (float32 scalar, only when logit_bias_init is set),
+'ssl_head' (SLIP's MLP head, only when built with ssl_head dims: see
+clip_jax/slip.py)}. With the
 CLIP variants the parameter count equals OpenAI CLIP's (ViT-B/32: 151,277,313).
 """
 
@@ -107,6 +109,27 @@ def normalize_pixels(pixels, mean, std):
   return pixels.astype(jnp.float32) * scale - offset
 
 
+class SslHead(nn.Module):
+  """SLIP's SimCLR projection head: image features [B, width] -> [B, out].
+
+  Dense(mlp_dim) -> LayerNorm -> ReLU, twice, then Dense(out_dim). SLIP
+  (facebookresearch/SLIP models.py, _build_mlp) normalises with SyncBatchNorm;
+  LayerNorm here because the model keeps no batch statistics (a pure
+  function of params: no mutable collections in the train step) and needs
+  no cross-device batch reduction. LayerNorm params are float32.
+  """
+  mlp_dim: int
+  out_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    for i in (1, 2):
+      x = nn.Dense(self.mlp_dim, dtype=self.dtype, name=f"dense{i}")(x)
+      x = nn.relu(nn.LayerNorm(dtype=self.dtype, name=f"ln{i}")(x))
+    return nn.Dense(self.out_dim, dtype=self.dtype, name="out")(x)
+
+
 class TwoTowers(nn.Module):
   """(images, tokens) -> (zimg, ztxt, {'logit_scale', 'logit_bias'})."""
   img: nn.Module   # Image tower (params under 'img').
@@ -119,6 +142,8 @@ class TwoTowers(nn.Module):
   pixel_std: tuple[float, ...] | None = None
   image_projection: bool = True  # False: image features are the embedding.
   text_projection_bias: bool = False
+  # (mlp_dim, out_dim) of SLIP's SSL head on the image features; None = none.
+  ssl_head_dims: tuple[int, int] | None = None
 
   def setup(self):
     self.img_proj = (nn.Dense(self.embed_dim, use_bias=False,
@@ -134,8 +159,10 @@ class TwoTowers(nn.Module):
       self.logit_bias = self.param(
           "logit_bias", nn.initializers.constant(self.logit_bias_init), (),
           jnp.float32)
+    if self.ssl_head_dims is not None:
+      self.ssl_head = SslHead(*self.ssl_head_dims, dtype=self.dtype)
 
-  def encode_image(self, images, *, train: bool = False):
+  def _float_images(self, images):
     if images.dtype == jnp.uint8:
       if self.pixel_mean is None or self.pixel_std is None:
         raise ValueError(
@@ -143,7 +170,20 @@ class TwoTowers(nn.Module):
             "mean/std; build it with build_run_model(config) (which takes "
             "config.data.mean/std), or pass normalised float images.")
       images = normalize_pixels(images, self.pixel_mean, self.pixel_std)
+    return images
+
+  def encode_image(self, images, *, train: bool = False):
+    images = self._float_images(images)
     return l2_normalize(self.img_proj(self.img(images, train=train)))
+
+  def encode_ssl(self, images, *, train: bool = False):
+    """SLIP: L2-normalised SSL-head embeddings of (augmented) images: the
+    image tower's pooled features (before img_proj) through ssl_head."""
+    if self.ssl_head_dims is None:
+      raise ValueError("encode_ssl needs a model built with an SSL head "
+                       "(config.slip.weight > 0, see clip_jax/slip.py).")
+    images = self._float_images(images)
+    return l2_normalize(self.ssl_head(self.img(images, train=train)))
 
   def encode_text(self, tokens, *, train: bool = False):
     return l2_normalize(self.txt_proj(self.txt(tokens, train=train)))
@@ -152,16 +192,21 @@ class TwoTowers(nn.Module):
     zimg = None if images is None else self.encode_image(images, train=train)
     ztxt = None if tokens is None else self.encode_text(tokens, train=train)
     bias = self.logit_bias if self.logit_bias_init is not None else None
+    if self.ssl_head_dims is not None and self.is_initializing():
+      # init runs __call__ only: create the head's params here.
+      self.ssl_head(jnp.zeros((1, self.img.width), self.dtype))
     return zimg, ztxt, {"logit_scale": jnp.exp(self.logit_scale),
                         "logit_bias": bias}
 
 
 def build_model(model_config, *, pixel_mean=None,
-                pixel_std=None) -> TwoTowers:
+                pixel_std=None, ssl_head_dims=None) -> TwoTowers:
   """The model a config describes (raises ValueError on a bad config).
 
   pixel_mean / pixel_std (config.data.mean / std): how encode_image
   normalises uint8 images; None = it accepts only float images.
+  ssl_head_dims: (mlp_dim, out_dim) of SLIP's head (slip.head_dims), or
+  None (no head: the model of every run without SLIP).
   """
   if (pixel_mean is None) != (pixel_std is None):
     raise ValueError("build_model: give both pixel_mean and pixel_std, or "
@@ -208,14 +253,18 @@ def build_model(model_config, *, pixel_mean=None,
       pixel_mean=None if pixel_mean is None else tuple(map(float, pixel_mean)),
       pixel_std=None if pixel_std is None else tuple(map(float, pixel_std)),
       image_projection=image_projection,
-      text_projection_bias=bool(model_config.get("text_projection_bias")))
+      text_projection_bias=bool(model_config.get("text_projection_bias")),
+      ssl_head_dims=None if ssl_head_dims is None else tuple(ssl_head_dims))
 
 
 def build_run_model(config) -> TwoTowers:
   """The model of a run's whole config: config.model, with the pixel
-  mean/std of config.data (uint8 images are normalised on the device)."""
+  mean/std of config.data (uint8 images are normalised on the device) and,
+  when config.slip asks for it, SLIP's SSL head."""
+  from clip_jax import slip  # pylint: disable=g-import-not-at-top
   return build_model(config.model, pixel_mean=config.data.get("mean"),
-                     pixel_std=config.data.get("std"))
+                     pixel_std=config.data.get("std"),
+                     ssl_head_dims=slip.head_dims(config))
 
 
 def remat_policy(model_config) -> str:
