@@ -328,3 +328,38 @@ def test_cli_errors(tiny, built, tmp_path):
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.startswith("error: ") and "not an index" in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_two_processes_build_the_index_one_process_builds(tiny, built,
+                                                          tmp_path):
+  """Two processes of 4 devices each: the same items, skips and (up to one
+  float16 step) embeddings as one process of 8; process 0 alone writes
+  and prints."""
+  import socket  # pylint: disable=g-import-not-at-top
+  workdir, folder = tiny
+  _, single = built
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  out = str(tmp_path / "two.index")
+  env = {**os.environ, "PYTHONPATH": ROOT,
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "clip_jax.index", "build", "--workdir", workdir,
+       "--folder", folder, "--out", out, "--batch_size", "16",
+       "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+       "--process_id", str(pid)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for pid in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert "indexed 24 images" in outputs[0][0]
+  assert "skipped 2 unreadable images" in outputs[0][0]
+  assert "indexed" not in outputs[1][0]  # (Gloo's own lines go to stdout.)
+  two = index_lib.Index(out)
+  assert two.items == single.items
+  assert sorted(two.meta["skipped"]) == sorted(CORRUPT)
+  np.testing.assert_allclose(two.embeddings.astype(np.float32),
+                             single.embeddings.astype(np.float32),
+                             rtol=2 * F16_RTOL, atol=2 * F16_ATOL)
