@@ -467,8 +467,9 @@ def query(index: Index, model, *, text: str | None = None,
           for rank, (s, i) in enumerate(zip(scores[0], ids[0])) if i >= 0]
 
 
-def item_image(item: dict, config):
-  """The item's image as a PIL RGB image (re-read from its source)."""
+def item_image(item: dict, config, opened: dict | None = None):
+  """The item's image as a PIL RGB image (re-read from its source; opened:
+  {split: source} reused across calls)."""
   import io  # pylint: disable=g-import-not-at-top
 
   import ml_collections  # pylint: disable=g-import-not-at-top
@@ -477,8 +478,11 @@ def item_image(item: dict, config):
   from clip_jax.data import sources  # pylint: disable=g-import-not-at-top
   if "path" in item:
     return Image.open(item["path"]).convert("RGB")
-  data = ml_collections.ConfigDict(config.data.to_dict())
-  image = sources.get_source(data, item["split"])[item["index"]]["image"]
+  opened = {} if opened is None else opened
+  if item["split"] not in opened:
+    data = ml_collections.ConfigDict(config.data.to_dict())
+    opened[item["split"]] = sources.get_source(data, item["split"])
+  image = opened[item["split"]][item["index"]]["image"]
   if isinstance(image, (bytes, bytearray)):
     return Image.open(io.BytesIO(image)).convert("RGB")
   if isinstance(image, (str, os.PathLike)):
@@ -725,7 +729,8 @@ def _run_query(args) -> int:
     tiles = []
     if args.image is not None:
       tiles.append((Image.open(args.image).convert("RGB"), "query"))
-    tiles += [(item_image(item, model.config),
+    opened = {}
+    tiles += [(item_image(item, model.config, opened),
                f"{rank}. {score:.3f} {item.get('caption', '')}")
               for rank, score, item in matches]
     contact_sheet(tiles, args.sheet)
