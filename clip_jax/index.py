@@ -580,8 +580,10 @@ def caption_queries(index: Index, model, num_queries: int,
 
 def report(*, index_path: str | None, synthetic: int, dim: int,
            num_clusters: int, num_queries: int, runs: int, k: int,
-           kinds=KINDS, seed: int = 0) -> dict:
-  """The benchmark on an index's embeddings and/or a synthetic set."""
+           kinds=KINDS, seed: int = 0, overrides: dict | None = None) -> dict:
+  """The benchmark on an index's embeddings and/or a synthetic set
+  (overrides: parameters replacing the defaults of the kinds they belong
+  to)."""
   import faiss  # pylint: disable=g-import-not-at-top
   if not index_path and not synthetic:
     raise ValueError("Nothing to report on: give --index INDEX and/or "
@@ -599,14 +601,16 @@ def report(*, index_path: str | None, synthetic: int, dim: int,
         "workdir": index.meta["workdir"], "step": index.meta["step"],
         "queries": f"{len(queries)} of the items' {num_captions} distinct "
                    "captions, embedded by the model",
-        **benchmark(index.embeddings, queries, kinds=kinds, k=k, runs=runs)}
+        **benchmark(index.embeddings, queries, kinds=kinds, k=k, runs=runs,
+                    overrides=overrides)}
   if synthetic:
     database, queries = synthetic_set(synthetic, num_queries, dim,
                                       num_clusters=num_clusters, seed=seed)
     result["sets"]["synthetic"] = {
         "generator": f"synthetic_set(n={synthetic}, dim={dim}, "
                      f"num_clusters={num_clusters}, noise=1.0, seed={seed})",
-        **benchmark(database, queries, kinds=kinds, k=k, runs=runs)}
+        **benchmark(database, queries, kinds=kinds, k=k, runs=runs,
+                    overrides=overrides)}
   result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
   return result
 
@@ -667,6 +671,8 @@ def _parser() -> argparse.ArgumentParser:
   r.add_argument("--queries", type=int, default=1000)
   r.add_argument("--runs", type=int, default=5)
   r.add_argument("-k", type=int, default=10)
+  _add_param_flags(r, ("M", "ef_construction", "ef_search", "nlist",
+                       "nprobe", "m", "nbits"))
   r.add_argument("--threads", type=int, default=None,
                  help="faiss (OpenMP) threads (default: faiss's)")
   r.add_argument("--kinds", default=",".join(KINDS),
@@ -747,7 +753,10 @@ def _run_report(args) -> int:
   result = report(index_path=args.index, synthetic=args.synthetic,
                   dim=args.dim, num_clusters=args.clusters,
                   num_queries=args.queries, runs=args.runs, k=args.k,
-                  kinds=kinds)
+                  kinds=kinds, overrides={
+                      name: getattr(args, name) for names in
+                      PARAM_NAMES.values() for name in names
+                      if getattr(args, name) is not None})
   text = json.dumps(result, indent=2)
   print(text)
   if args.out:

@@ -260,6 +260,20 @@ def test_ivfpq_recall_when_every_cell_is_searched(synthetic, ivfpq):
   assert threshold > 0.3  # Codes of 16 x 6 bits keep most neighbours.
 
 
+def test_benchmark_reports_every_kind_against_flat(synthetic):
+  database, queries = synthetic
+  result = index_lib.benchmark(database, queries[:20], kinds=("hnsw",),
+                               runs=2, overrides={"ef_search": 4000,
+                                                  "nprobe": 3})
+  kinds = result["kinds"]
+  assert list(kinds) == ["flat", "hnsw"]  # nprobe: not an hnsw parameter.
+  assert kinds["hnsw"]["params"]["ef_search"] == 4000
+  assert kinds["flat"]["recall_at_k"] == kinds["hnsw"]["recall_at_k"] == 1
+  assert kinds["flat"]["qps_ratio_to_flat"] == 1
+  assert len(kinds["hnsw"]["qps_runs"]) == 2
+  assert result["num_vectors"] == 4000 and result["num_queries"] == 20
+
+
 def test_recall_at_k_counts_shared_ids():
   exact = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
   found = np.array([[4, 3, 9, -1], [5, 6, 7, 8]])
