@@ -35,7 +35,7 @@ Kinds (faiss-cpu; parameters default by set size, see default_params):
          vectors), ef_construction, ef_search (64) candidates at query time.
   ivfpq  inverted lists + product quantisation (IndexIVFPQ): nlist coarse
          k-means cells (a power of two near sqrt(N)), nprobe cells searched
-         (nlist / 16, >= 1), m sub-quantisers of nbits bits (m = D / 4,
+         (nlist / 16, >= 1), m sub-quantisers of nbits bits (m = D / 2,
          nbits 8, fewer for small sets). Training needs 39 points per k-means
          centroid (faiss's minimum): N >= 39 * max(nlist, 2^nbits), else
          build refuses, saying which parameter to lower.
@@ -99,8 +99,10 @@ def default_params(kind: str, n: int, dim: int) -> dict:
 
 
 def _sub_quantizers(dim: int) -> int:
-  """The largest divisor of dim that is <= dim / 4 (4 dims per code)."""
-  return max(m for m in range(1, max(dim // 4, 1) + 1) if dim % m == 0)
+  """The largest divisor of dim that is <= dim / 2 (2 dims per code: on
+  the 1M synthetic set 4 dims per code capped recall@10 at 0.55 even
+  searching every cell, 2 dims reached 0.84; README)."""
+  return max(m for m in range(1, max(dim // 2, 1) + 1) if dim % m == 0)
 
 
 def check_kind(kind: str) -> None:

@@ -287,9 +287,9 @@ def test_defaults_follow_the_set_size():
   assert index_lib.default_params("hnsw", 1000, 96)["M"] == 16
   assert index_lib.default_params("hnsw", 10**6, 96)["M"] == 32
   small = index_lib.default_params("ivfpq", 3944, 96)
-  assert small == {"nlist": 64, "nprobe": 4, "m": 24, "nbits": 6}
+  assert small == {"nlist": 64, "nprobe": 4, "m": 48, "nbits": 6}
   large = index_lib.default_params("ivfpq", 10**6, 96)
-  assert large == {"nlist": 1024, "nprobe": 64, "m": 24, "nbits": 8}
+  assert large == {"nlist": 1024, "nprobe": 64, "m": 48, "nbits": 8}
   for n in (624, 3944, 10**6):  # Defaults always train when n allows.
     index_lib.check_params("ivfpq", index_lib.default_params(
         "ivfpq", n, 96), n, 96)
