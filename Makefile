@@ -7,7 +7,7 @@ SYMBOLA_FONT := /usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf
 # 8 fake CPU devices, so multi-device code runs everywhere.
 FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: help install test demo bench bench-step bench-compare bench-loss bench-32k bench-memory bench-data data lint tensorboard clean
+.PHONY: help install test demo bench bench-step bench-compare bench-loss bench-32k bench-memory bench-data bench-index data lint tensorboard clean
 
 help:  ## List the targets
 	@echo "make TARGET, each usable on a fresh clone (installs what it needs):"
@@ -72,6 +72,16 @@ bench-memory: install  ## Memory levers (FSDP, remat, bf16, scan, accum) -> runs
 	@# on 8 fake devices, one lever at a time from a baseline, then combined.
 	$(PY) -m clip_jax.bench memory --devices 8 --repeats 5 \
 	  --out runs/bench_memory.json
+
+bench-index: install  ## faiss kinds: recall@10 and QPS, demo run's openmoji images + 1M synthetic -> runs/bench_index.json
+	@# Needs a trained runs/demo (make demo). Passive OpenMP waits: on a
+	@# busy machine spinning faiss threads crawl (README "Retrieval index").
+	@test -f runs/demo/config.json || { echo "train runs/demo first: make demo"; exit 2; }
+	$(PY) -m clip_jax.index build --workdir runs/demo --split openmoji \
+	  --out runs/demo/openmoji.index --overwrite
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m clip_jax.index report \
+	  --index runs/demo/openmoji.index --synthetic 1000000 --queries 200 \
+	  --runs 3 --out runs/bench_index.json
 
 data: install  ## Prepare the built-in emoji dataset
 	$(PY) -m clip_jax.data.sources prepare-emoji
