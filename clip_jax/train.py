@@ -45,7 +45,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from clip_jax import checkpoint as checkpoint_lib
-from clip_jax import cli, losses, optim, pretrained, train_state
+from clip_jax import cli, distill, losses, optim, pretrained, train_state
 from clip_jax import config as config_lib
 from clip_jax import metrics as metrics_lib
 from clip_jax import plot as plot_lib
@@ -323,12 +323,23 @@ def _loop(config, workdir, ckpt, writer, data_iter, dataset_size, *, model,
              f"{jax.device_count()} devices, {jax.process_count()} processes; "
              f"{total_steps} steps of {config.batch_size} examples.")
 
+  extra_loss, extra_inputs = None, ()
+  if distill.enabled(config):
+    # Restored at every start, resumes included: not in the checkpoint.
+    teacher = distill.load_teacher(config, mesh)
+    extra_loss = distill.make_extra_loss(config, teacher.model, mesh)
+    extra_inputs = (teacher.params,)
+    writer.log(f"Distilling from the teacher {teacher.workdir} (checkpoint "
+               f"{teacher.step}, embed_dim "
+               f"{teacher.config.model.embed_dim}).")
   step_fn = train_state.make_train_step(
       model, tx, loss_fn, schedule, mesh, shardings,
       max_log_logit_scale=two_towers.max_log_logit_scale(config.model),
       accum_steps=config.accum_steps, accum_mode=config.accum_mode,
       frozen=(optim.frozen_mask(param_shapes, config.freeze)
-              if config.get("freeze") else None))
+              if config.get("freeze") else None),
+      extra_loss=extra_loss,
+      extra_input_shardings=teacher.shardings if extra_loss else None)
   has_bias = config.model.get("logit_bias_init") is not None
   max_nonfinite = config.get("max_consecutive_nonfinite") or 0
   step = int(jax.device_get(state["step"]))
@@ -367,7 +378,7 @@ def _loop(config, workdir, ckpt, writer, data_iter, dataset_size, *, model,
       counted_skips += int(np.sum(local_batch.pop("num_skipped", 0)))
       batch = sharding_lib.host_to_global(
           {k: local_batch[k] for k in ("image", "text")}, mesh)
-      state, metrics = step_fn(state, batch)
+      state, metrics = step_fn(state, batch, *extra_inputs)
       step += 1
       window_steps += 1
       if window_start is None:

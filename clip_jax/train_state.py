@@ -27,6 +27,9 @@ micro-batches, each spread over all devices (`split_microbatches`):
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -42,12 +45,21 @@ ACCUM_MODES = ("exact", "naive")
 SCALAR_PARAMS = ("logit_scale", "logit_bias")
 
 
-def init_params(model, config, rng):
+def init_model_params(model, config, rng):
   """Model params from dummy inputs shaped like one example."""
   size = config.model.image.image_size
   images = jnp.zeros((1, size, size, 3), jnp.float32)
   tokens = jnp.zeros((1, config.model.text.context_length), jnp.int32)
   return model.init(rng, images, tokens)["params"]
+
+
+def init_params(model, config, rng):
+  """The run's trained params: the model's, plus those of extra loss terms
+  (distill.init_params: a projection to the teacher's width; {} when the
+  config has none, so the model's init is unchanged)."""
+  from clip_jax import distill  # pylint: disable=g-import-not-at-top
+  params = init_model_params(model, config, rng)
+  return {**params, **distill.init_params(config, rng)}
 
 
 def param_shapes(model, config):
@@ -105,6 +117,27 @@ def embed(model, params, batch, *, train: bool = True):
 def scalars(model, params):
   """{'logit_scale', 'logit_bias'} as the model computes them from params."""
   return model.apply({"params": params}, None, None)[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtraLoss:
+  """Loss terms added to the contrastive loss (e.g. distill.py's).
+
+  targets(inputs, batch) -> a pytree of [B, ...] per-example arrays that
+      get no gradient (a frozen teacher's embeddings); `inputs` is the
+      step's extra argument (the teacher's params), `batch` the global
+      batch or, with accumulation, one micro-batch.
+  loss(params, zimg, ztxt, out, targets, inputs) -> (scalar, {name:
+      scalar}): the weighted terms' sum (added to `loss`) and each term for
+      the metrics; zimg / ztxt / targets cover the whole global batch
+      (exact accumulation: all micro-batches), out is `scalars`'.
+  param_keys: the top-level params `loss` reads directly (not through the
+      towers' embeddings), e.g. a projection; with exact accumulation their
+      gradient is the full-batch loss's, like logit_scale's.
+  """
+  targets: Callable
+  loss: Callable
+  param_keys: tuple[str, ...] = ()
 
 
 def contrastive_loss(loss_fn, zimg, ztxt, out, mesh):
@@ -169,20 +202,36 @@ def keep_frozen(new_params, old_params, frozen):
                                 old_params, frozen)
 
 
+def _with_extra_loss(extra_loss, loss, params, zimg, ztxt, out, targets,
+                     inputs):
+  """(contrastive + extra terms, metrics) when there is an extra loss."""
+  value, metrics = extra_loss.loss(params, zimg, ztxt, out,
+                                   jax.lax.stop_gradient(targets), inputs)
+  return loss + value, {"contrastive_loss": loss, **metrics}
+
+
 def make_loss_and_grads(model, loss_fn, mesh, param_shardings, *,
                         accum_steps: int = 1, accum_mode: str = "exact",
-                        frozen=None):
+                        frozen=None, extra_loss: ExtraLoss | None = None):
   """Returns f(params, batch) -> (loss, grads) for the given accumulation.
 
   The model has no dropout or other randomness (its apply takes no rngs), so
   the embedding pass and the back-propagation pass compute the same function;
   a model with dropout would have to get the same rng in both passes.
   `frozen` (optim.frozen_mask, or None): those parameters' gradients are 0.
+  `extra_loss` (an ExtraLoss, or None): its terms are added to the loss and
+  f is f(params, batch, inputs) -> (loss, grads, metrics), `inputs` (no
+  gradient) passed on to it; metrics has 'contrastive_loss' and the
+  extra's own terms (averaged over micro-batches with 'naive').
   """
   if accum_mode not in ACCUM_MODES:
     raise ValueError(f"accum_mode={accum_mode!r} is not one of {ACCUM_MODES}.")
   if accum_steps < 1:
     raise ValueError(f"accum_steps={accum_steps} must be >= 1.")
+  if extra_loss is not None:
+    return _make_loss_grads_and_metrics(
+        model, loss_fn, mesh, param_shardings, accum_steps=accum_steps,
+        accum_mode=accum_mode, frozen=frozen, extra_loss=extra_loss)
 
   def loss_of_params(params, batch):
     params = stop_frozen_gradients(params, frozen)
@@ -254,6 +303,96 @@ def make_loss_and_grads(model, loss_fn, mesh, param_shardings, *,
   return exact if accum_mode == "exact" else naive
 
 
+def _make_loss_grads_and_metrics(model, loss_fn, mesh, param_shardings, *,
+                                 accum_steps, accum_mode, frozen,
+                                 extra_loss):
+  """make_loss_and_grads with an ExtraLoss: the same three accumulation
+  paths, the extra's targets computed per micro-batch without gradient."""
+
+  def loss_of_params(params, batch, inputs):
+    params = stop_frozen_gradients(params, frozen)
+    zimg, ztxt, out = embed(model, params, batch, train=True)
+    loss = contrastive_loss(loss_fn, zimg, ztxt, out, mesh)
+    return _with_extra_loss(extra_loss, loss, params, zimg, ztxt, out,
+                            extra_loss.targets(inputs, batch), inputs)
+
+  grad_fn = jax.value_and_grad(loss_of_params, has_aux=True)
+  if accum_steps == 1:
+    def full_batch(params, batch, inputs):
+      (loss, metrics), grads = grad_fn(params, batch, inputs)
+      return loss, grads, metrics
+    return full_batch
+
+  def zero_grads(params):
+    return jax.lax.with_sharding_constraint(
+        jax.tree_util.tree_map(jnp.zeros_like, params), param_shardings)
+
+  def split(tree):
+    return jax.tree_util.tree_map(
+        lambda x: split_microbatches(x, accum_steps, mesh), tree)
+
+  def naive(params, batch, inputs):
+    def one(total, batch_i):
+      (loss, metrics), grads = grad_fn(params, batch_i, inputs)
+      return _tree_add(total, (loss, grads, metrics)), None
+
+    zero_metrics = jax.tree_util.tree_map(
+        jnp.zeros_like, jax.eval_shape(
+            loss_of_params, params,
+            jax.tree_util.tree_map(lambda x: x[0], split(batch)),
+            inputs)[1])
+    total, _ = jax.lax.scan(
+        one, (jnp.zeros((), jnp.float32), zero_grads(params), zero_metrics),
+        split(batch))
+    return jax.tree_util.tree_map(lambda x: x / accum_steps, total)
+
+  def exact(params, batch, inputs):
+    micro = split(batch)
+
+    def towers(params, batch_i):
+      params = stop_frozen_gradients(params, frozen)
+      return embed(model, params, batch_i, train=True)[:2]
+
+    # 1. Every micro-batch's embeddings and the extra's targets (the
+    # teacher's embeddings); no gradient, so nothing is kept.
+    _, (zimgs, ztxts, targets) = jax.lax.scan(
+        lambda _, batch_i: (None, (*towers(params, batch_i),
+                                   extra_loss.targets(inputs, batch_i))),
+        None, micro)
+    zimg, ztxt, targets = jax.tree_util.tree_map(
+        lambda x: merge_microbatches(x, mesh), (zimgs, ztxts, targets))
+
+    # 2. The full-batch loss and its gradient w.r.t. the embeddings and the
+    # params the losses read directly (scale, bias, the extra's).
+    def loss_of(zimg, ztxt, direct_params):
+      merged = stop_frozen_gradients({**params, **direct_params}, frozen)
+      out = scalars(model, merged)
+      loss = contrastive_loss(loss_fn, zimg, ztxt, out, mesh)
+      return _with_extra_loss(extra_loss, loss, merged, zimg, ztxt, out,
+                              targets, inputs)
+
+    direct_params = {k: params[k] for k in
+                     SCALAR_PARAMS + tuple(extra_loss.param_keys)
+                     if k in params}
+    (loss, metrics), (dzimg, dztxt, ddirect) = jax.value_and_grad(
+        loss_of, argnums=(0, 1, 2), has_aux=True)(zimg, ztxt, direct_params)
+
+    # 3. Back-propagate each micro-batch's slice of the embedding gradient.
+    def backprop(total, inputs_i):
+      batch_i, dzimg_i, dztxt_i = inputs_i
+      _, vjp = jax.vjp(lambda p: towers(p, batch_i), params)
+      return _tree_add(total, vjp((dzimg_i, dztxt_i))[0]), None
+
+    grads, _ = jax.lax.scan(
+        backprop, zero_grads(params),
+        (micro, split_microbatches(dzimg, accum_steps, mesh),
+         split_microbatches(dztxt, accum_steps, mesh)))
+    return loss, {**grads, **_tree_add(
+        {k: grads[k] for k in ddirect}, ddirect)}, metrics
+
+  return exact if accum_mode == "exact" else naive
+
+
 def _finite_where(applied, new, old):
   return jax.tree_util.tree_map(lambda n, o: jnp.where(applied, n, o), new,
                                 old)
@@ -262,8 +401,14 @@ def _finite_where(applied, new, old):
 def make_train_step(model, tx, loss_fn, schedule, mesh, state_shardings,
                     *, max_log_logit_scale: float | None,
                     accum_steps: int = 1, accum_mode: str = "exact",
-                    frozen=None):
+                    frozen=None, extra_loss: ExtraLoss | None = None,
+                    extra_input_shardings=None):
   """Returns step(state, batch) -> (state, metrics), jitted and donating.
+
+  `extra_loss` (an ExtraLoss, e.g. distill.make_extra_loss's): the step is
+  step(state, batch, inputs), `inputs` (the teacher's params, in
+  `extra_input_shardings`) neither differentiated nor donated; its terms
+  are added to 'loss' and logged ('contrastive_loss' and their own names).
 
   `frozen` (optim.frozen_mask of config.freeze, or None): parameters that
   get no gradient and stay bit-identical (tx must freeze the same ones).
@@ -276,15 +421,20 @@ def make_train_step(model, tx, loss_fn, schedule, mesh, state_shardings,
   """
   loss_and_grads = make_loss_and_grads(
       model, loss_fn, mesh, state_shardings["params"],
-      accum_steps=accum_steps, accum_mode=accum_mode, frozen=frozen)
+      accum_steps=accum_steps, accum_mode=accum_mode, frozen=frozen,
+      extra_loss=extra_loss)
 
-  def step(state, batch):
+  def step(state, batch, *inputs):
     old_params, old_opt = state["params"], state["opt"]
     if not isinstance(old_opt, optax.ApplyIfFiniteState):
       raise TypeError(
           f"The optimiser state is a {type(old_opt).__name__}, expected "
           "optax.ApplyIfFiniteState: build tx with optim.make_optimizer.")
-    loss, grads = loss_and_grads(old_params, batch)
+    if extra_loss is None:
+      loss, grads = loss_and_grads(old_params, batch)
+      extra_metrics = {}
+    else:
+      loss, grads, extra_metrics = loss_and_grads(old_params, batch, *inputs)
     # apply_if_finite looks at the gradients only: a non-finite loss with
     # finite gradients must be skipped too.
     grads = jax.tree_util.tree_map(
@@ -312,13 +462,16 @@ def make_train_step(model, tx, loss_fn, schedule, mesh, state_shardings,
         "lr": schedule(state["step"] - old_opt.total_notfinite),
         "train/nonfinite_steps": opt.total_notfinite,
         "train/nonfinite_consecutive": opt.notfinite_count,
+        **extra_metrics,
     }
     metrics = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32),
                                      metrics)
     return {"step": state["step"] + 1, "params": params, "opt": opt}, metrics
 
+  in_shardings = (state_shardings, sharding_lib.batch_sharding(mesh))
+  if extra_loss is not None:
+    in_shardings += (extra_input_shardings,)
   return jax.jit(
-      step,
-      in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
+      step, in_shardings=in_shardings,
       out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
       donate_argnums=(0,))
