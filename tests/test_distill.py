@@ -6,13 +6,16 @@ workdir made here; config errors naming the mismatch."""
 
 import functools
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from _train_worker import synthetic_stream
+from etils import epath
 from train_testing import random_batch, tiny_config, write_source
 
 from clip_jax import config as config_lib
@@ -152,7 +155,6 @@ def test_feature_value_and_grads_match_numpy(shape, kind, projected):
 def test_relation_keeps_one_block_of_logits_per_device():
   """No [n, N] (nor [N, N]) buffer, forward or backward; only scalars are
   all-reduced."""
-  import re  # pylint: disable=g-import-not-at-top
   mesh = _mesh((8, 1))
   args = [_put(x, mesh) for x in _embeddings()]
   fn = jax.jit(jax.value_and_grad(
@@ -289,6 +291,7 @@ def test_exact_accumulation_equals_the_full_batch(teacher):
         grads[name], ref_grads[name])
 
 
+@pytest.mark.slow  # Two short train runs (~1-2 min on a shared CPU).
 def test_train_run_distils_and_resumes(teacher, tmp_path, capsys):
   """A short run: the terms are logged, the projection is trained and
   checkpointed (the teacher is not), a resume reads the teacher again."""
@@ -306,8 +309,6 @@ def test_train_run_distils_and_resumes(teacher, tmp_path, capsys):
       metrics["distill/feature"] + metrics["distill/relation"], rtol=1e-5)
   assert all(np.isfinite(metrics[k]) and metrics[k] > 0 for k in
              ("distill/feature", "distill/relation"))
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   tree = ocp.StandardCheckpointHandler().metadata(
       epath.Path(workdir) / "checkpoints" / "3" / "state").tree
   assert set(tree["params"]) == {"img", "txt", "img_proj", "txt_proj",
