@@ -177,6 +177,10 @@ _BAD_CONFIGS = [
                            "'img/.*'"]),
     ("init.workdir", "/nonexistent/run",
      ["config.init.workdir='/nonexistent/run'", "no checkpoints/ folder"]),
+    # Distillation (tests/test_distill.py has the teacher mismatches).
+    ("distill.teacher_workdir", "/nonexistent/teacher",
+     ["config.distill.teacher_workdir='/nonexistent/teacher'",
+      "no config.json"]),
 ]
 
 
