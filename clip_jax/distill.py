@@ -174,6 +174,13 @@ def projection_shape(config) -> tuple[int, int] | None:
   projection (the widths differ), else None."""
   if not enabled(config) or not config.distill.feature_weight:
     return None
+  if not os.path.isfile(os.path.join(_workdir(config), "config.json")):
+    raise ValueError(
+        f"config.distill.teacher_workdir={config.distill.teacher_workdir!r} "
+        "has no config.json: a distilled run's params include a projection "
+        f"('{PARAM_KEY}/*_proj') whose width is the teacher's embed_dim, "
+        "read from there. Put the teacher's config.json back there (it is "
+        "the only file needed to load the student).")
   student = config.model.embed_dim
   teacher = teacher_config(config).model.embed_dim
   return None if student == teacher else (student, teacher)

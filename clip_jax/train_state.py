@@ -336,14 +336,15 @@ def _make_loss_grads_and_metrics(model, loss_fn, mesh, param_shardings, *,
       (loss, metrics), grads = grad_fn(params, batch_i, inputs)
       return _tree_add(total, (loss, grads, metrics)), None
 
+    micro = split(batch)
+    metric_shapes = jax.eval_shape(
+        loss_of_params, params,
+        jax.tree_util.tree_map(lambda x: x[0], micro), inputs)[1]
     zero_metrics = jax.tree_util.tree_map(
-        jnp.zeros_like, jax.eval_shape(
-            loss_of_params, params,
-            jax.tree_util.tree_map(lambda x: x[0], split(batch)),
-            inputs)[1])
+        lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
     total, _ = jax.lax.scan(
         one, (jnp.zeros((), jnp.float32), zero_grads(params), zero_metrics),
-        split(batch))
+        micro)
     return jax.tree_util.tree_map(lambda x: x / accum_steps, total)
 
   def exact(params, batch, inputs):

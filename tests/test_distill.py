@@ -18,8 +18,8 @@ from _train_worker import synthetic_stream
 from etils import epath
 from train_testing import random_batch, tiny_config, write_source
 
+from clip_jax import api, distill, losses, optim, train, train_state
 from clip_jax import config as config_lib
-from clip_jax import distill, losses, optim, train, train_state
 from clip_jax import sharding as sharding_lib
 from clip_jax.models import two_towers
 
@@ -244,7 +244,8 @@ def test_zero_when_the_student_is_the_teacher(teacher, kind):
     assert abs(float(value)) < 2e-6, terms
 
 
-def _loss_and_grads(config, teacher_workdir, accum_steps):
+def _loss_and_grads(config, teacher_workdir, accum_steps, accum_mode="exact",
+                    batch=None):
   mesh = sharding_lib.make_mesh(config.mesh)
   model = two_towers.build_model(config.model)
   tx, _ = optim.make_optimizer(config, train_state.param_shapes(model, config),
@@ -254,8 +255,9 @@ def _loss_and_grads(config, teacher_workdir, accum_steps):
   extra = distill.make_extra_loss(config, loaded.model, mesh)
   fn = jax.jit(train_state.make_loss_and_grads(
       model, losses.get_loss(config.loss), mesh, shardings["params"],
-      accum_steps=accum_steps, accum_mode="exact", extra_loss=extra))
-  batch = sharding_lib.host_to_global(random_batch(config), mesh)
+      accum_steps=accum_steps, accum_mode=accum_mode, extra_loss=extra))
+  batch = sharding_lib.host_to_global(
+      random_batch(config) if batch is None else batch, mesh)
   return jax.device_get(fn(state["params"], batch, loaded.params))
 
 
@@ -291,6 +293,28 @@ def test_exact_accumulation_equals_the_full_batch(teacher):
         grads[name], ref_grads[name])
 
 
+def test_naive_accumulation_averages_the_micro_batches(teacher):
+  """Naive: each micro-batch (row r of every device's 4) its own loss,
+  teacher terms included, averaged: against the full-batch function run
+  on each micro-batch's rows as a batch of 8."""
+  config = _student_config(teacher[0], feature_weight=2.0)
+  batch = random_batch(config)
+  loss, grads, metrics = _loss_and_grads(config, teacher[0], 4, "naive")
+  rows = np.arange(32).reshape(8, 4)  # [device, row on the device]
+  small = _student_config(teacher[0], feature_weight=2.0)
+  small.batch_size = 8
+  parts = [_loss_and_grads(small, teacher[0], 1, batch={
+      k: v[rows[:, r]] for k, v in batch.items()}) for r in range(4)]
+  np.testing.assert_allclose(loss, np.mean([p[0] for p in parts]),
+                             rtol=1e-5)
+  for name in metrics:
+    np.testing.assert_allclose(
+        metrics[name], np.mean([p[2][name] for p in parts]), rtol=1e-5)
+  want = np.mean([p[1]["distill"]["img_proj"]["kernel"] for p in parts], 0)
+  np.testing.assert_allclose(grads["distill"]["img_proj"]["kernel"], want,
+                             rtol=1e-4, atol=1e-6 * np.abs(want).max())
+
+
 @pytest.mark.slow  # Two short train runs (~1-2 min on a shared CPU).
 def test_train_run_distils_and_resumes(teacher, tmp_path, capsys):
   """A short run: the terms are logged, the projection is trained and
@@ -316,6 +340,10 @@ def test_train_run_distils_and_resumes(teacher, tmp_path, capsys):
   assert tuple(tree["params"]["distill"]["txt_proj"]["kernel"].shape) == (
       16, 32)
   assert "teacher" not in str(list(tree))
+  # The student loads as any run does (api.restore_params, as
+  # clip_jax.load and evaluate), projection included.
+  restored = api.restore_params(config_lib.load(workdir), workdir, None)[1]
+  assert restored["distill"]["img_proj"]["kernel"].shape == (16, 32)
   config.total_steps = 4
   resumed = train.train(config, workdir,
                         data=(synthetic_stream(config, 0, 1), None),
