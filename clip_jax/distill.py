@@ -30,16 +30,16 @@ of CLIP Model Distillation", CVPR): feature distillation (FD, an MSE
 between embeddings with a linear projection when widths differ; their
 F.mse_loss averages over the D dimensions where our 'l2' sums them, so
 their weight 2000 is 2000 / D here; for unit vectors 'l2' of unprojected
-embeddings is 2 x 'cosine') and
-contrastive relational distillation (CRD): for each image, the softmax over
-the batch's texts of the teacher's logits is the target of the
-student's, KL(teacher || student), and likewise for each text over the
-images; the term is the sum of the two directions' means over the global
-batch (TinyCLIP's affinity mimicking, Wu et al. 2023, "TinyCLIP: CLIP
-Distillation via Affinity Mimicking and Weight Inheritance", ICCV, is the
-same two KLs). The total loss is contrastive + feature_weight * feature +
-relation_weight * relation; each term is logged unweighted
-('distill/feature', 'distill/relation') beside 'contrastive_loss'.
+embeddings is 2 x 'cosine') and contrastive relational distillation (CRD):
+for each image, the softmax over the batch's texts of the teacher's logits
+is the target of the student's, KL(teacher || student), and likewise for
+each text over the images; the term is the sum of the two directions'
+means over the global batch (TinyCLIP's affinity mimicking, Wu et al.
+2023, "TinyCLIP: CLIP Distillation via Affinity Mimicking and Weight
+Inheritance", ICCV, is the same two KLs). The total loss is contrastive +
+feature_weight * feature + relation_weight * relation; each term is logged
+unweighted ('distill/feature', 'distill/relation') beside
+'contrastive_loss'.
 
 Teacher and student read the same batch, so they must share the image
 preprocessing (size, mean, std) and the tokenizer (name, vocabulary, case,
