@@ -499,6 +499,11 @@ def _check_freeze_and_init(config, **_) -> None:
                      "(the latest checkpoint).")
 
 
+def _check_distill(config, **_) -> None:
+  from clip_jax import distill  # pylint: disable=g-import-not-at-top
+  distill.check_config(config)
+
+
 def _check_accumulation(config, *, device_count: int, **_) -> None:
   accum, mode = config.get("accum_steps", 1), config.get("accum_mode", "exact")
   if mode not in ("exact", "naive"):
@@ -583,6 +588,8 @@ CHECKS = (
     ("optimiser, durations, sharding rules", _check_optimizer),
     ("freeze and init regexes, init workdir", _check_freeze_and_init),
     ("loss options: label smoothing, optimiser, SLIP", _check_loss_options),
+    ("distillation: weights, teacher workdir, teacher's inputs",
+     _check_distill),
     ("evals", _check_evals),
 )
 
@@ -761,6 +768,14 @@ def base_config() -> ml_collections.ConfigDict:
       workdir=config_dict.placeholder(str),
       step=config_dict.placeholder(int),
       include="img/.*"))
+
+  # Distillation from a frozen clip_jax teacher workdir (see
+  # clip_jax/distill.py for each key); teacher_workdir None = off.
+  c.distill = ml_collections.ConfigDict(dict(
+      teacher_workdir=config_dict.placeholder(str),
+      teacher_step=config_dict.placeholder(int),
+      feature_weight=1.0, feature_loss="cosine", relation_weight=1.0,
+      relation_temperature=config_dict.placeholder(float)))
 
   # Mesh axis sizes; -1 = all remaining devices. The batch is split over
   # both axes; parameters follow sharding_rules (see clip_jax/sharding.py).

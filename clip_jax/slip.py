@@ -28,8 +28,9 @@ models.py SLIP, main.py defaults), and where it does not:
     `view_style_strength` (0.4) always applied, greyscale with probability
     strength / 2 (= 0.2) (transforms.draw_style); no hue jitter (the
     transforms have none).
-  - gradient accumulation (accum_steps > 1) is refused with SLIP (a config
-    error): the 'exact' mode would need the NT-Xent gradient cached too.
+  - exact gradient accumulation (accum_steps > 1, accum_mode 'exact') is
+    refused with SLIP (a config error): it would need the NT-Xent gradient
+    cached too; 'naive' accumulation works.
 
 Config keys (`config.slip`, defaults in config.base_config()):
   weight               multiplier of the NT-Xent term; 0 = off (the model
@@ -44,7 +45,7 @@ Config keys (`config.slip`, defaults in config.base_config()):
   view_flip            random horizontal flips of the views.
 
 Metrics (when on): 'slip/ssl_loss' (NT-Xent, unweighted) and
-'slip/clip_loss' (the contrastive term); 'loss' is their weighted sum.
+'contrastive_loss' (the CLIP term); 'loss' is their weighted sum.
 """
 
 from __future__ import annotations
@@ -96,20 +97,25 @@ def view_options(config) -> ViewOptions | None:
                      flip=bool(slip.view_flip))
 
 
-def make_term(model, config, mesh):
-  """The train step's extra loss term (train_state.make_train_step's
-  `extra_terms`): weight x NT-Xent of the batch's two views."""
+def make_extra_loss(model, config, mesh):
+  """The train step's train_state.ExtraLoss: weight x NT-Xent of the
+  batch's two views (its targets; no step input). It runs the image tower
+  on the views itself, so exact accumulation is refused (naive works)."""
+  from clip_jax import train_state  # pylint: disable=g-import-not-at-top
   weight = float(config.slip.weight)
   temperature = float(config.slip.temperature)
 
-  def term(params, batch, embeddings):
+  def views_of(_, batch):
     if VIEWS_KEY not in batch:
       raise ValueError(
           f"config.slip.weight={weight} (SLIP) but the batch has no "
           f"{VIEWS_KEY!r} (keys: {sorted(batch)}); make the data with "
           "pipeline.make_train_iterator(..., ssl_views="
           "slip.view_options(config)), as train.make_train_data does.")
-    views = batch[VIEWS_KEY]  # [B, 2, S, S, 3], sharded over B.
+    return batch[VIEWS_KEY]  # [B, 2, S, S, 3], sharded over B.
+
+  def loss(params, zimg, ztxt, out, views, inputs):
+    del zimg, ztxt, out, inputs
     rows = views.shape[0]
     # [B, 2, ...] -> [2B, ...] keeps each device's rows on it (row 2i is
     # view 1 of example i, 2i + 1 its view 2): one tower pass, no copy.
@@ -119,10 +125,9 @@ def make_term(model, config, mesh):
     both = both.reshape(rows, 2, both.shape[-1])
     ssl = losses.nt_xent_loss(both[:, 0], both[:, 1], temperature,
                               mesh=mesh)
-    return weight * ssl, {"slip/ssl_loss": ssl,
-                          "slip/clip_loss": embeddings["contrastive_loss"]}
+    return weight * ssl, {"slip/ssl_loss": ssl}
 
-  return term
+  return train_state.ExtraLoss(views_of, loss, exact_accumulation=False)
 
 
 def check_config(config, **_) -> None:
@@ -150,9 +155,11 @@ def check_config(config, **_) -> None:
     raise ValueError(
         f"config.slip.view_style_strength={slip.view_style_strength} must "
         "be in [0, 1] (SimCLR's jitter: 0.4).")
-  if enabled(config) and config.get("accum_steps", 1) > 1:
+  if (enabled(config) and config.get("accum_steps", 1) > 1
+      and config.get("accum_mode", "exact") == "exact"):
     raise ValueError(
         f"config.slip.weight={slip.weight} (SLIP) with config.accum_steps="
-        f"{config.accum_steps}: gradient accumulation does not support "
-        "SLIP's extra term yet. Set accum_steps=1 (a smaller batch_size if "
-        "memory is short) or slip.weight=0.")
+        f"{config.accum_steps} and accum_mode='exact': exact accumulation "
+        "does not support SLIP's extra term yet. Set accum_steps=1 (a "
+        "smaller batch_size if memory is short), accum_mode='naive', or "
+        "slip.weight=0.")

@@ -45,7 +45,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from clip_jax import checkpoint as checkpoint_lib
-from clip_jax import cli, losses, optim, pretrained, slip, train_state
+from clip_jax import cli, distill, losses, optim, pretrained, slip, train_state
 from clip_jax import config as config_lib
 from clip_jax import metrics as metrics_lib
 from clip_jax import plot as plot_lib
@@ -346,14 +346,32 @@ def _loop(config, workdir, ckpt, writer, data_iter, dataset_size, *, model,
              f"{jax.device_count()} devices, {jax.process_count()} processes; "
              f"{total_steps} steps of {config.batch_size} examples.")
 
+  # Extra loss terms, each with its step input (and that input's shardings).
+  extras = []
+  if distill.enabled(config):
+    # Restored at every start, resumes included: not in the checkpoint.
+    teacher = distill.load_teacher(config, mesh)
+    extras.append((distill.make_extra_loss(config, teacher.model, mesh),
+                   teacher.params, teacher.shardings))
+    writer.log(f"Distilling from the teacher {teacher.workdir} (checkpoint "
+               f"{teacher.step}, embed_dim "
+               f"{teacher.config.model.embed_dim}).")
+  if slip.enabled(config):
+    extras.append((slip.make_extra_loss(model, config, mesh), None, None))
+  extra_loss = train_state.combine_extra_losses([e for e, _, _ in extras])
+  if len(extras) == 1:
+    extra_inputs, extra_shardings = (extras[0][1],), extras[0][2]
+  else:  # None or several: one tuple entry per extra loss.
+    extra_inputs = (tuple(i for _, i, _ in extras),) if extras else ()
+    extra_shardings = tuple(s for _, _, s in extras)
   step_fn = train_state.make_train_step(
       model, tx, loss_fn, schedule, mesh, shardings,
       max_log_logit_scale=two_towers.max_log_logit_scale(config.model),
       accum_steps=config.accum_steps, accum_mode=config.accum_mode,
       frozen=(optim.frozen_mask(param_shapes, config.freeze)
               if config.get("freeze") else None),
-      extra_terms=([slip.make_term(model, config, mesh)]
-                   if slip.enabled(config) else ()))
+      extra_loss=extra_loss,
+      extra_input_shardings=extra_shardings if extra_loss else None)
   has_bias = config.model.get("logit_bias_init") is not None
   max_nonfinite = config.get("max_consecutive_nonfinite") or 0
   step = int(jax.device_get(state["step"]))
@@ -392,7 +410,7 @@ def _loop(config, workdir, ckpt, writer, data_iter, dataset_size, *, model,
       counted_skips += int(np.sum(local_batch.pop("num_skipped", 0)))
       batch = sharding_lib.host_to_global(step_inputs(local_batch, config),
                                           mesh)
-      state, metrics = step_fn(state, batch)
+      state, metrics = step_fn(state, batch, *extra_inputs)
       step += 1
       window_steps += 1
       if window_start is None:

@@ -26,16 +26,17 @@ micro-batches, each spread over all devices (`split_microbatches`):
   'naive'  each micro-batch's own loss (its own negatives only), losses and
            gradients averaged over micro-batches: the ablation baseline.
 
-Extra loss terms (`extra_terms`, e.g. slip.make_term): functions
-  term(params, batch, embeddings) -> (value, {metric name: scalar})
-added to the contrastive loss inside the same differentiated function;
-`embeddings` is {'zimg', 'ztxt', 'out' (scale / bias), 'contrastive_loss'}
-of this batch, `params` already have the frozen ones' gradients stopped.
-Their metrics join the step's. With no extra terms the step is the
-program it was before the hook existed; with them, accum_steps must be 1.
+Extra loss terms (`ExtraLoss`: distill.py's teacher terms, slip.py's
+SimCLR term; several are joined by `combine_extra_losses`) are added to the
+contrastive loss in the same differentiated function, and logged with the
+step's metrics next to 'contrastive_loss'. Without one the step is the
+program it was before the hook existed.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -55,12 +56,21 @@ SCALAR_PARAMS = ("logit_scale", "logit_bias")
 LOSS_KEY = "loss_key"
 
 
-def init_params(model, config, rng):
+def init_model_params(model, config, rng):
   """Model params from dummy inputs shaped like one example."""
   size = config.model.image.image_size
   images = jnp.zeros((1, size, size, 3), jnp.float32)
   tokens = jnp.zeros((1, config.model.text.context_length), jnp.int32)
   return model.init(rng, images, tokens)["params"]
+
+
+def init_params(model, config, rng):
+  """The run's trained params: the model's, plus those of extra loss terms
+  (distill.init_params: a projection to the teacher's width; {} when the
+  config has none, so the model's init is unchanged)."""
+  from clip_jax import distill  # pylint: disable=g-import-not-at-top
+  params = init_model_params(model, config, rng)
+  return {**params, **distill.init_params(config, rng)}
 
 
 def param_shapes(model, config):
@@ -118,6 +128,56 @@ def embed(model, params, batch, *, train: bool = True):
 def scalars(model, params):
   """{'logit_scale', 'logit_bias'} as the model computes them from params."""
   return model.apply({"params": params}, None, None)[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtraLoss:
+  """Loss terms added to the contrastive loss (distill.py's, slip.py's).
+
+  targets(inputs, batch) -> a pytree of [B, ...] per-example arrays that
+      get no gradient (a frozen teacher's embeddings); `inputs` is the
+      step's extra argument (the teacher's params), `batch` the global
+      batch or, with accumulation, one micro-batch.
+  loss(params, zimg, ztxt, out, targets, inputs) -> (scalar, {name:
+      scalar}): the weighted terms' sum (added to `loss`) and each term for
+      the metrics; zimg / ztxt / targets cover the whole global batch
+      (exact accumulation: all micro-batches), out is `scalars`'.
+  param_keys: the top-level params `loss` reads directly (not through the
+      towers' embeddings), e.g. a projection; with exact accumulation their
+      gradient is the full-batch loss's, like logit_scale's.
+  exact_accumulation: False when `loss` runs a tower itself (SLIP's views
+      through the image tower): exact accumulation back-propagates only
+      through zimg / ztxt and `param_keys`, so it is refused; naive works.
+  """
+  targets: Callable
+  loss: Callable
+  param_keys: tuple[str, ...] = ()
+  exact_accumulation: bool = True
+
+
+def combine_extra_losses(extra_losses):
+  """One ExtraLoss adding up several (None if there are none); its inputs
+  and targets are tuples with one entry per extra loss."""
+  extra_losses = tuple(e for e in extra_losses if e is not None)
+  if not extra_losses:
+    return None
+  if len(extra_losses) == 1:
+    return extra_losses[0]
+
+  def targets(inputs, batch):
+    return tuple(e.targets(i, batch) for e, i in zip(extra_losses, inputs))
+
+  def loss(params, zimg, ztxt, out, all_targets, inputs):
+    total, metrics = 0.0, {}
+    for e, t, i in zip(extra_losses, all_targets, inputs):
+      value, own = e.loss(params, zimg, ztxt, out, t, i)
+      total, metrics = total + value, {**metrics, **own}
+    return total, metrics
+
+  return ExtraLoss(
+      targets, loss,
+      tuple(k for e in extra_losses for k in e.param_keys),
+      all(e.exact_accumulation for e in extra_losses))
 
 
 def contrastive_loss(loss_fn, zimg, ztxt, out, mesh, keys=None):
@@ -187,81 +247,137 @@ def keep_frozen(new_params, old_params, frozen):
                                 old_params, frozen)
 
 
+def _with_extra_loss(extra_loss, loss, params, zimg, ztxt, out, targets,
+                     inputs):
+  """(contrastive + extra terms, metrics) when there is an extra loss."""
+  value, metrics = extra_loss.loss(params, zimg, ztxt, out,
+                                   jax.lax.stop_gradient(targets), inputs)
+  return loss + value, {"contrastive_loss": loss, **metrics}
+
+
 def make_loss_and_grads(model, loss_fn, mesh, param_shardings, *,
                         accum_steps: int = 1, accum_mode: str = "exact",
-                        frozen=None):
+                        frozen=None, extra_loss: ExtraLoss | None = None):
   """Returns f(params, batch) -> (loss, grads) for the given accumulation.
 
   The model has no dropout or other randomness (its apply takes no rngs), so
   the embedding pass and the back-propagation pass compute the same function;
   a model with dropout would have to get the same rng in both passes.
   `frozen` (optim.frozen_mask, or None): those parameters' gradients are 0.
+  `extra_loss` (an ExtraLoss, or None): its terms are added to the loss and
+  f is f(params, batch, inputs) -> (loss, grads, metrics), `inputs` (no
+  gradient) passed on to it; metrics has 'contrastive_loss' and the
+  extra's own terms (averaged over micro-batches with 'naive').
   """
   if accum_mode not in ACCUM_MODES:
     raise ValueError(f"accum_mode={accum_mode!r} is not one of {ACCUM_MODES}.")
   if accum_steps < 1:
     raise ValueError(f"accum_steps={accum_steps} must be >= 1.")
+  if (extra_loss is not None and accum_steps > 1 and accum_mode == "exact"
+      and not extra_loss.exact_accumulation):
+    raise ValueError(
+        f"accum_steps={accum_steps} with accum_mode='exact': this extra loss "
+        "runs a tower itself (SLIP's views), which exact accumulation "
+        "cannot back-propagate; use accum_steps=1 or accum_mode='naive'.")
+  loss_grads_and_metrics = _loss_grads_and_metrics(
+      model, loss_fn, mesh, param_shardings, accum_steps=accum_steps,
+      accum_mode=accum_mode, frozen=frozen, extra_loss=extra_loss)
+  if extra_loss is not None:
+    return loss_grads_and_metrics
+  return lambda params, batch: loss_grads_and_metrics(params, batch, None)[:2]
 
-  def loss_of_params(params, batch):
+
+def _loss_grads_and_metrics(model, loss_fn, mesh, param_shardings, *,
+                            accum_steps, accum_mode, frozen, extra_loss):
+  """f(params, batch, inputs) -> (loss, grads, metrics): make_loss_and_grads
+  for any extra loss (None: metrics {}, the plain contrastive program)."""
+
+  def total_loss(params, zimg, ztxt, out, keys, targets, inputs):
+    loss = contrastive_loss(loss_fn, zimg, ztxt, out, mesh, keys)
+    if extra_loss is None:
+      return loss, {}
+    return _with_extra_loss(extra_loss, loss, params, zimg, ztxt, out,
+                            targets, inputs)
+
+  def targets_of(inputs, batch):
+    return None if extra_loss is None else extra_loss.targets(inputs, batch)
+
+  def loss_of_params(params, batch, inputs):
     params = stop_frozen_gradients(params, frozen)
     zimg, ztxt, out = embed(model, params, batch, train=True)
-    return contrastive_loss(loss_fn, zimg, ztxt, out, mesh,
-                            batch.get(LOSS_KEY))
+    return total_loss(params, zimg, ztxt, out, batch.get(LOSS_KEY),
+                      targets_of(inputs, batch), inputs)
 
-  if accum_steps == 1:  # Today's program: one forward and backward, no scan.
-    return jax.value_and_grad(loss_of_params)
+  grad_fn = jax.value_and_grad(loss_of_params, has_aux=True)
+
+  def full_batch(params, batch, inputs):
+    (loss, metrics), grads = grad_fn(params, batch, inputs)
+    return loss, grads, metrics
+
+  if accum_steps == 1:  # One forward and backward, no scan.
+    return full_batch
 
   def zero_grads(params):
     return jax.lax.with_sharding_constraint(
         jax.tree_util.tree_map(jnp.zeros_like, params), param_shardings)
 
-  def naive(params, batch):
-    micro = jax.tree_util.tree_map(
-        lambda x: split_microbatches(x, accum_steps, mesh), batch)
+  def split(tree):
+    return jax.tree_util.tree_map(
+        lambda x: split_microbatches(x, accum_steps, mesh), tree)
 
+  def naive(params, batch, inputs):
     def one(total, batch_i):
-      return _tree_add(total, jax.value_and_grad(loss_of_params)(
-          params, batch_i)), None
+      return _tree_add(total, full_batch(params, batch_i, inputs)), None
 
-    (loss, grads), _ = jax.lax.scan(
-        one, (jnp.zeros((), jnp.float32), zero_grads(params)), micro)
-    return jax.tree_util.tree_map(lambda x: x / accum_steps, (loss, grads))
+    micro = split(batch)
+    metric_shapes = jax.eval_shape(
+        loss_of_params, params,
+        jax.tree_util.tree_map(lambda x: x[0], micro), inputs)[1]
+    zero_metrics = jax.tree_util.tree_map(
+        lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+    total, _ = jax.lax.scan(
+        one, (jnp.zeros((), jnp.float32), zero_grads(params), zero_metrics),
+        micro)
+    return jax.tree_util.tree_map(lambda x: x / accum_steps, total)
 
-  def exact(params, batch):
-    micro = jax.tree_util.tree_map(
-        lambda x: split_microbatches(x, accum_steps, mesh), batch)
+  def exact(params, batch, inputs):
+    micro = split(batch)
 
     def towers(params, batch_i):
       params = stop_frozen_gradients(params, frozen)
       return embed(model, params, batch_i, train=True)[:2]
 
-    # 1. Embeddings of every micro-batch; no gradient, so nothing is kept.
-    _, (zimgs, ztxts) = jax.lax.scan(
-        lambda _, batch_i: (None, towers(params, batch_i)), None, micro)
+    # 1. Every micro-batch's embeddings and the extra's targets (a
+    # teacher's embeddings); no gradient, so nothing is kept.
+    _, (zimgs, ztxts, targets) = jax.lax.scan(
+        lambda _, batch_i: (None, (*towers(params, batch_i),
+                                   targets_of(inputs, batch_i))),
+        None, micro)
     # Back in the global batch's row order (a local transpose on each
     # device). The loss would not care: it is invariant to any permutation
-    # applied to both modalities alike, since pairs stay row-aligned.
-    zimg = merge_microbatches(zimgs, mesh)
-    ztxt = merge_microbatches(ztxts, mesh)
-    # The keys go through the same split and merge, so they stay aligned
-    # with the rows (merge o split is the identity).
+    # applied to both modalities alike, since pairs stay row-aligned. The
+    # keys go through the same split and merge, so they stay aligned too.
+    zimg, ztxt, targets = jax.tree_util.tree_map(
+        lambda x: merge_microbatches(x, mesh), (zimgs, ztxts, targets))
     keys = (None if LOSS_KEY not in micro
             else merge_microbatches(micro[LOSS_KEY], mesh))
 
     # 2. The full-batch loss and its gradient w.r.t. the embeddings and the
-    # scale / bias params (the existing sharded loss, unchanged).
-    def loss_of(zimg, ztxt, scalar_params):
-      out = scalars(model, stop_frozen_gradients(
-          {**params, **scalar_params}, frozen))
-      return contrastive_loss(loss_fn, zimg, ztxt, out, mesh, keys)
+    # params the losses read directly (scale, bias, the extra's).
+    def loss_of(zimg, ztxt, direct_params):
+      merged = stop_frozen_gradients({**params, **direct_params}, frozen)
+      return total_loss(merged, zimg, ztxt, scalars(model, merged), keys,
+                        targets, inputs)
 
-    scalar_params = {k: params[k] for k in SCALAR_PARAMS if k in params}
-    loss, (dzimg, dztxt, dscalars) = jax.value_and_grad(
-        loss_of, argnums=(0, 1, 2))(zimg, ztxt, scalar_params)
+    direct_keys = SCALAR_PARAMS + (
+        () if extra_loss is None else tuple(extra_loss.param_keys))
+    direct_params = {k: params[k] for k in direct_keys if k in params}
+    (loss, metrics), (dzimg, dztxt, ddirect) = jax.value_and_grad(
+        loss_of, argnums=(0, 1, 2), has_aux=True)(zimg, ztxt, direct_params)
 
     # 3. Back-propagate each micro-batch's slice of the embedding gradient.
-    def backprop(total, inputs):
-      batch_i, dzimg_i, dztxt_i = inputs
+    def backprop(total, inputs_i):
+      batch_i, dzimg_i, dztxt_i = inputs_i
       _, vjp = jax.vjp(lambda p: towers(p, batch_i), params)
       return _tree_add(total, vjp((dzimg_i, dztxt_i))[0]), None
 
@@ -269,52 +385,13 @@ def make_loss_and_grads(model, loss_fn, mesh, param_shardings, *,
         backprop, zero_grads(params),
         (micro, split_microbatches(dzimg, accum_steps, mesh),
          split_microbatches(dztxt, accum_steps, mesh)))
-    # The towers do not use scale / bias: their gradients are the full-batch
-    # loss's, once (open_clip multiplies them by the accumulation count).
+    # The towers do not use the direct params: their gradients are the
+    # full-batch loss's, once (open_clip multiplies the scale's by the
+    # accumulation count).
     return loss, {**grads, **_tree_add(
-        {k: grads[k] for k in dscalars}, dscalars)}
+        {k: grads[k] for k in ddirect}, ddirect)}, metrics
 
   return exact if accum_mode == "exact" else naive
-
-
-def make_loss_aux_and_grads(model, loss_fn, mesh, param_shardings, *,
-                            accum_steps: int = 1, accum_mode: str = "exact",
-                            frozen=None, extra_terms=()):
-  """f(params, batch) -> (loss, grads, metrics of the extra terms).
-
-  Without extra terms: make_loss_and_grads's function, metrics {}.
-  """
-  if not extra_terms:
-    inner = make_loss_and_grads(model, loss_fn, mesh, param_shardings,
-                                accum_steps=accum_steps,
-                                accum_mode=accum_mode, frozen=frozen)
-    return lambda params, batch: (*inner(params, batch), {})
-  if accum_steps != 1:
-    raise ValueError(
-        f"accum_steps={accum_steps} with extra loss terms: gradient "
-        "accumulation does not support them; use accum_steps=1.")
-
-  def loss_of_params(params, batch):
-    params = stop_frozen_gradients(params, frozen)
-    zimg, ztxt, out = embed(model, params, batch, train=True)
-    loss = contrastive_loss(loss_fn, zimg, ztxt, out, mesh,
-                            batch.get(LOSS_KEY))
-    embeddings = {"zimg": zimg, "ztxt": ztxt, "out": out,
-                  "contrastive_loss": loss}
-    metrics = {}
-    for term in extra_terms:
-      value, term_metrics = term(params, batch, embeddings)
-      loss = loss + value
-      metrics.update(term_metrics)
-    return loss, metrics
-
-  grad_fn = jax.value_and_grad(loss_of_params, has_aux=True)
-
-  def loss_aux_and_grads(params, batch):
-    (loss, metrics), grads = grad_fn(params, batch)
-    return loss, grads, metrics
-
-  return loss_aux_and_grads
 
 
 def _finite_where(applied, new, old):
@@ -325,11 +402,15 @@ def _finite_where(applied, new, old):
 def make_train_step(model, tx, loss_fn, schedule, mesh, state_shardings,
                     *, max_log_logit_scale: float | None,
                     accum_steps: int = 1, accum_mode: str = "exact",
-                    frozen=None, extra_terms=()):
+                    frozen=None, extra_loss: ExtraLoss | None = None,
+                    extra_input_shardings=None):
   """Returns step(state, batch) -> (state, metrics), jitted and donating.
 
-  `extra_terms`: loss terms added to the contrastive loss (see the module
-  docstring); their metrics are logged with the step's.
+  `extra_loss` (an ExtraLoss, e.g. distill.make_extra_loss's or
+  slip.make_extra_loss's, or combine_extra_losses of several): the step is
+  step(state, batch, inputs), `inputs` (e.g. the teacher's params, in
+  `extra_input_shardings`) neither differentiated nor donated; its terms
+  are added to 'loss' and logged ('contrastive_loss' and their own names).
 
   `frozen` (optim.frozen_mask of config.freeze, or None): parameters that
   get no gradient and stay bit-identical (tx must freeze the same ones).
@@ -340,18 +421,22 @@ def make_train_step(model, tx, loss_fn, schedule, mesh, state_shardings,
   'train/nonfinite_steps' (run total, kept in the optimiser state, so in the
   checkpoint) and 'train/nonfinite_consecutive'.
   """
-  loss_and_grads = make_loss_aux_and_grads(
+  loss_and_grads = make_loss_and_grads(
       model, loss_fn, mesh, state_shardings["params"],
       accum_steps=accum_steps, accum_mode=accum_mode, frozen=frozen,
-      extra_terms=tuple(extra_terms))
+      extra_loss=extra_loss)
 
-  def step(state, batch):
+  def step(state, batch, *inputs):
     old_params, old_opt = state["params"], state["opt"]
     if not isinstance(old_opt, optax.ApplyIfFiniteState):
       raise TypeError(
           f"The optimiser state is a {type(old_opt).__name__}, expected "
           "optax.ApplyIfFiniteState: build tx with optim.make_optimizer.")
-    loss, grads, term_metrics = loss_and_grads(old_params, batch)
+    if extra_loss is None:
+      loss, grads = loss_and_grads(old_params, batch)
+      extra_metrics = {}
+    else:
+      loss, grads, extra_metrics = loss_and_grads(old_params, batch, *inputs)
     # apply_if_finite looks at the gradients only: a non-finite loss with
     # finite gradients must be skipped too.
     grads = jax.tree_util.tree_map(
@@ -379,14 +464,16 @@ def make_train_step(model, tx, loss_fn, schedule, mesh, state_shardings,
         "lr": schedule(state["step"] - old_opt.total_notfinite),
         "train/nonfinite_steps": opt.total_notfinite,
         "train/nonfinite_consecutive": opt.notfinite_count,
-        **term_metrics,
+        **extra_metrics,
     }
     metrics = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32),
                                      metrics)
     return {"step": state["step"] + 1, "params": params, "opt": opt}, metrics
 
+  in_shardings = (state_shardings, sharding_lib.batch_sharding(mesh))
+  if extra_loss is not None:
+    in_shardings += (extra_input_shardings,)
   return jax.jit(
-      step,
-      in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
+      step, in_shardings=in_shardings,
       out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
       donate_argnums=(0,))

@@ -185,6 +185,10 @@ _BAD_CONFIGS = [
     ("label_smoothing", 1.0, ["config.label_smoothing=1.0", "[0, 1)"]),
     ("optimizer", "lamd", ["config.optimizer='lamd'", "Did you mean 'lamb'"]),
     ("slip.temperature", 0.0, ["config.slip.temperature=0.0", "> 0"]),
+    # Distillation (tests/test_distill.py has the teacher mismatches).
+    ("distill.teacher_workdir", "/nonexistent/teacher",
+     ["config.distill.teacher_workdir='/nonexistent/teacher'",
+      "no config.json"]),
 ]
 
 

@@ -118,16 +118,17 @@ def test_step_loss_and_grads_equal_the_dense_reference():
   params = train_state.init_params(model, config, jax.random.key(1))
   shardings = sharding_lib.tree_shardings(params, mesh,
                                           config.sharding_rules)
-  fn = jax.jit(train_state.make_loss_aux_and_grads(
+  fn = jax.jit(train_state.make_loss_and_grads(
       model, losses.get_loss("softmax"), mesh, shardings,
-      extra_terms=[slip.make_term(model, config, mesh)]))
+      extra_loss=slip.make_extra_loss(model, config, mesh)))
   batch = _batch(config)
-  loss, grads, metrics = fn(params, sharding_lib.host_to_global(batch, mesh))
+  loss, grads, metrics = fn(params, sharding_lib.host_to_global(batch, mesh),
+                            None)
   reference = jax.jit(jax.value_and_grad(
       lambda p, b: dense_slip_loss(model, p, b, 0.5, 0.1), has_aux=True))
   (ref_loss, (clip, ssl)), ref_grads = reference(params, batch)
   np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
-  np.testing.assert_allclose(float(metrics["slip/clip_loss"]), float(clip),
+  np.testing.assert_allclose(float(metrics["contrastive_loss"]), float(clip),
                              rtol=1e-5)
   np.testing.assert_allclose(float(metrics["slip/ssl_loss"]), float(ssl),
                              rtol=1e-5)
@@ -145,17 +146,19 @@ def test_step_loss_and_grads_equal_the_dense_reference():
                                err_msg=jax.tree_util.keystr(path))
 
 
-def test_term_with_accumulation_is_refused():
+def test_term_with_exact_accumulation_is_refused():
   config = tiny(1.0)
   config.accum_steps = 2
   with pytest.raises(ValueError, match=r"config.slip.weight=1.0 \(SLIP\) "
                      r"with config.accum_steps=2.*Set accum_steps=1"):
     config_lib.validate(config, device_count=8)
+  config.accum_mode = "naive"  # Each micro-batch's own loss: fine.
+  config_lib.validate(config, device_count=8)
   model = two_towers.build_run_model(config)
-  with pytest.raises(ValueError, match="accum_steps=2 with extra loss"):
-    train_state.make_loss_aux_and_grads(
+  with pytest.raises(ValueError, match="exact accumulation cannot"):
+    train_state.make_loss_and_grads(
         model, losses.get_loss("softmax"), _mesh(False), None,
-        accum_steps=2, extra_terms=[lambda *a: (0.0, {})])
+        accum_steps=2, extra_loss=slip.make_extra_loss(model, config, None))
 
 
 @pytest.mark.parametrize("key,value,fragment", [
@@ -267,7 +270,7 @@ def test_training_with_slip_logs_both_terms(tmp_path):
   assert np.isfinite(metrics["slip/ssl_loss"]) and metrics[
       "slip/ssl_loss"] > 0
   np.testing.assert_allclose(
-      metrics["loss"], metrics["slip/clip_loss"] + metrics["slip/ssl_loss"],
+      metrics["loss"], metrics["contrastive_loss"] + metrics["slip/ssl_loss"],
       rtol=1e-5)
   with open(tmp_path / "metrics.jsonl") as f:
     logged = [json.loads(line) for line in f]
@@ -294,29 +297,9 @@ def test_runs_from_before_the_new_keys_resume_without_the_flag():
     resume(new)
 
 
-def test_no_extra_terms_is_the_plain_loss_and_grads_program():
-  """SLIP off: the hook adds nothing to the compiled loss and gradient."""
-  config = tiny(0.0)
-  model = two_towers.build_run_model(config)
-  mesh = _mesh(permuted=False)
-  params = jax.eval_shape(lambda: train_state.init_params(
-      model, config, jax.random.key(0)))
-  batch = _batch(config)
-  del batch["image_views"]
-  args = (params, jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch))
-  plain = jax.jit(train_state.make_loss_and_grads(
-      model, losses.get_loss("softmax"), mesh, None))
-  hooked = jax.jit(lambda p, b: train_state.make_loss_aux_and_grads(
-      model, losses.get_loss("softmax"), mesh, None)(p, b)[:2])
-  strip = lambda text: text.split("\n", 1)[1]  # The module's name differs.
-  assert strip(plain.lower(*args).as_text()) == strip(
-      hooked.lower(*args).as_text())
-
-
 def test_a_batch_without_views_is_a_clear_error():
   config = tiny(1.0)
   model = two_towers.build_run_model(config)
-  term = slip.make_term(model, config, None)
+  extra_loss = slip.make_extra_loss(model, config, None)
   with pytest.raises(ValueError, match="has no 'image_views'.*ssl_views"):
-    term({}, {"image": None, "text": None}, {})
+    extra_loss.targets(None, {"image": None, "text": None})
