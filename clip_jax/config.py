@@ -290,7 +290,7 @@ def _check_batch(config, *, device_count: int, process_count: int) -> None:
         f"{process_count} processes; use a multiple of {process_count}.")
 
 
-def _check_loss_options(config, **_) -> None:
+def _check_loss_keys_and_margin(config, **_) -> None:
   from clip_jax import losses  # pylint: disable=g-import-not-at-top
   loss_key = config.get("loss_key", "label")
   if loss_key not in losses.LOSS_KEYS:
@@ -526,7 +526,7 @@ def _check_accumulation(config, *, device_count: int, **_) -> None:
         f"config.max_consecutive_nonfinite={limit!r} must be an integer >= 1.")
 
 
-def _check_loss_options(config, **_) -> None:
+def _check_smoothing_optimizer_slip(config, **_) -> None:
   from clip_jax import optim, slip  # pylint: disable=g-import-not-at-top
   smoothing = config.get("label_smoothing", 0.0)
   if not 0 <= smoothing < 1:
@@ -577,7 +577,7 @@ def _check_evals(config, **_) -> None:
 CHECKS = (
     ("unknown keys, wrong types", _check_keys_and_types),
     ("registered names", _check_names),
-    ("loss options: loss_key, vse_margin", _check_loss_options),
+    ("loss options: loss_key, vse_margin", _check_loss_keys_and_margin),
     ("batch vs devices and processes", _check_batch),
     ("accumulation steps and mode, non-finite limit", _check_accumulation),
     ("mesh axis sizes", _check_mesh),
@@ -587,7 +587,8 @@ CHECKS = (
     ("data keys", _check_data),
     ("optimiser, durations, sharding rules", _check_optimizer),
     ("freeze and init regexes, init workdir", _check_freeze_and_init),
-    ("loss options: label smoothing, optimiser, SLIP", _check_loss_options),
+    ("loss options: label smoothing, optimiser, SLIP",
+     _check_smoothing_optimizer_slip),
     ("distillation: weights, teacher workdir, teacher's inputs",
      _check_distill),
     ("evals", _check_evals),

@@ -193,7 +193,8 @@ def test_views_differ_and_leave_image_and_text_unchanged():
   config = _synthetic()
   with _iterator(config) as it, _iterator(config, views=False) as plain:
     batch, reference = next(it), next(plain)
-  assert set(reference) == {"image", "text", "label", "num_skipped"}
+  assert set(reference) == {"image", "text", "label", "caption_hash",
+                            "num_skipped"}
   for key in reference:
     np.testing.assert_array_equal(batch[key], reference[key])
   views = batch["image_views"]
