@@ -213,9 +213,15 @@ def build_model(model_config, *, pixel_mean=None,
 
 def build_run_model(config) -> TwoTowers:
   """The model of a run's whole config: config.model, with the pixel
-  mean/std of config.data (uint8 images are normalised on the device)."""
-  return build_model(config.model, pixel_mean=config.data.get("mean"),
-                     pixel_std=config.data.get("std"))
+  mean/std of config.data (uint8 images are normalised on the device);
+  with config.lora on, the model reads its kernels with the LoRA adapters
+  merged in (clip_jax/lora.py)."""
+  from clip_jax import lora  # pylint: disable=g-import-not-at-top
+  model = build_model(config.model, pixel_mean=config.data.get("mean"),
+                      pixel_std=config.data.get("std"))
+  if lora.enabled(config.get("lora")):
+    model = lora.wrap_model(model, config.lora)
+  return model
 
 
 def remat_policy(model_config) -> str:
