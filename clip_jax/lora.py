@@ -84,6 +84,9 @@ MODEL_METHODS = ("__call__", "encode_image", "encode_text")
 # q, k, v and out of every encoder block of both towers (the paper's
 # "adapt the attention weights" setting, on all four of them).
 DEFAULT_TARGETS = r"(img|txt)/encoder/.*/attn/(query|key|value|out)"
+# config.init.include for every param but the adapters (a pretrained
+# source has none; they keep LoRA's init).
+BASE_PARAMS = r"(?!.*/lora_[ab]$).*"
 # Separates the adapters' init stream from the model's (same run seed).
 _RNG_SALT = 0x10A
 

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from clip_jax import config as config_lib
-from clip_jax import sweep
+from clip_jax import lora, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*",
@@ -27,16 +27,16 @@ def with_overrides(config, overrides):
   return config
 
 
-def test_there_are_six_experiments():
+def test_there_are_seven_experiments():
   names = {os.path.basename(os.path.dirname(p)) for p in EXPERIMENTS}
   assert names == {"sigmoid_vs_softmax_batch", "siglip_bias_temperature_init",
                    "learnable_temperature", "prompt_ensembling",
-                   "gradient_accumulation", "effective_robustness"}
+                   "gradient_accumulation", "effective_robustness", "lora"}
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS,
                          ids=lambda p: os.path.basename(os.path.dirname(p)))
-def test_every_point_is_a_valid_config(path):
+def test_every_point_is_a_valid_config(path, tmp_path):
   points = sweep.load_sweep(path)
   names = {sweep.point_name(p) for p in points}
   assert len(names) == len(points)
@@ -47,4 +47,26 @@ def test_every_point_is_a_valid_config(path):
       continue
     config = with_overrides(sweep.load_point_config(path, overrides),
                             overrides)
+    if config.init.get("workdir") and not os.path.isdir(config.init.workdir):
+      # A pretrained workdir the experiment needs (made by `make demo`):
+      # validation checks only that it has checkpoints/.
+      config.init.workdir = str(tmp_path / "pretrained")
+      os.makedirs(os.path.join(config.init.workdir, "checkpoints"),
+                  exist_ok=True)
     config_lib.validate(config, device_count=1)
+
+
+def test_lora_sweep_compares_full_and_lora_fine_tuning_of_the_demo():
+  path = os.path.join(ROOT, "experiments", "lora", "config.py")
+  configs = [sweep.load_point_config(path, p) for p in sweep.load_sweep(path)]
+  full = [c for c in configs if not c.lora.targets]
+  adapted = [c for c in configs if c.lora.targets]
+  assert full and adapted and len(full) + len(adapted) == len(configs)
+  assert {c.lora.rank for c in adapted} == {4, 8}
+  demo = config_lib.load_config_file(os.path.join(ROOT, "configs", "demo.py"))
+  for c in configs:
+    assert c.model.to_dict() == demo.model.to_dict()  # Fits runs/demo.
+    assert c.init.workdir == "runs/demo" and c.freeze is None
+  # Full fine-tuning loads every param; LoRA every param but the adapters.
+  assert {c.init.include for c in full} == {".*"}
+  assert {c.init.include for c in adapted} == {lora.BASE_PARAMS}

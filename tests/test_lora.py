@@ -2,14 +2,19 @@
 step 0, W + (alpha / r) A B afterwards (against a float64 NumPy merge),
 only the adapters trained and given optimiser state, and `merge`."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
-from train_testing import random_batch, tiny_config
+from _train_worker import synthetic_stream
+from train_testing import random_batch, tiny_config, write_source
 
-from clip_jax import api, convert, lora, losses, optim, train_state
+from clip_jax import api, convert, lora, losses, optim, train, train_state
+from clip_jax import config as config_lib
 from clip_jax import sharding as sharding_lib
 from clip_jax.models import two_towers
 
@@ -256,31 +261,47 @@ def test_bad_lora_configs_are_errors():
     lora.check_config(config.lora)
 
 
-def test_merge_cli_writes_a_plain_workdir_equal_to_the_adapted_model(
-    tmp_path):
-  config = _config(scan=True)
-  _, params = _init(config)
-  flat = _flat(params)
-  rng = np.random.default_rng(2)
-  for path in flat:
-    if path.endswith("/lora_b"):
-      flat[path] = rng.normal(0, 0.3, flat[path].shape).astype(np.float32)
-  run, out = str(tmp_path / "run"), str(tmp_path / "merged")
-  convert.write_workdir(config, _nested(flat), run)
-  assert lora.main(["merge", "--workdir", run, "--out", out]) == 0
-  adapted, merged = api.load(run), api.load(out)
-  assert not lora.enabled(merged.config.lora)
-  assert not lora.has_adapters(merged.params)
+def _checkpoint_params(workdir, step):
+  path = os.path.join(str(workdir), "checkpoints", str(step), "state")
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    tree = checkpointer.restore(path)
+  return _flat(tree["params"])
+
+
+def test_configs_lora_fine_tunes_a_pretrained_workdir_then_merges(tmp_path):
+  source = tmp_path / "pretrained"
+  source_config = config_lib.load_config_file("configs/clip.py",
+                                              "tiny,batch=32")
+  write_source(source, source_config, {2: 7},
+               sharding_lib.make_mesh(source_config.mesh))
+  config = config_lib.load_config_file(
+      "configs/lora.py", f"init={source},rank=4,steps=3,batch=32,lr=0.01")
+  assert config.model.to_dict() == source_config.model.to_dict()
+  config.warmup_steps = 1
+  run = tmp_path / "lora"
+  result = train.train(config, str(run),
+                       data=(synthetic_stream(config, 0, 1), None))
+  assert result.step == 3 and np.isfinite(result.metrics["loss"])
+  pretrained, tuned = _checkpoint_params(source, 2), _checkpoint_params(run, 3)
+  adapters = [p for p in tuned if "/lora_" in p]
+  assert adapters and sorted(set(tuned) - set(adapters)) == sorted(pretrained)
+  for path, value in pretrained.items():  # Loaded, then frozen.
+    if path != "logit_scale":
+      assert tuned[path].tobytes() == value.tobytes(), path
+  assert tuned["logit_scale"] != pretrained["logit_scale"]  # lora.train.
+  assert all(tuned[p].any() for p in adapters if p.endswith("lora_b"))
+
+  merged = tmp_path / "merged"
+  assert lora.main(["merge", "--workdir", str(run), "--out",
+                    str(merged)]) == 0
+  adapted_model, merged_model = api.load(str(run)), api.load(str(merged))
+  assert not lora.enabled(merged_model.config.lora)
+  assert not lora.has_adapters(merged_model.params)
+  assert merged_model.logit_scale == adapted_model.logit_scale
   batch = random_batch(config)
-  want = _embed(adapted.model, adapted.params, batch)
-  unadapted = _embed(merged.model, _nested(
-      {p: v for p, v in flat.items() if "/lora_" not in p}), batch)
-  for got, want_z, base in zip(_embed(merged.model, merged.params, batch),
-                               want, unadapted):
-    assert np.abs(want_z - base).max() > 1e-2
-    # Same merge formula, possibly fused differently inside jit: a few
-    # float32 roundings per kernel element (see the test above).
-    np.testing.assert_allclose(got, want_z, atol=1e-5, rtol=0)
+  for got, want in zip(_embed(merged_model.model, merged_model.params, batch),
+                       _embed(adapted_model.model, adapted_model.params,
+                              batch)):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
   with pytest.raises(ValueError, match="not trained with LoRA"):
-    lora.merge_workdir(out, str(tmp_path / "again"))
-  assert merged.logit_scale == adapted.logit_scale
+    lora.merge_workdir(str(merged), str(tmp_path / "again"))
