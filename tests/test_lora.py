@@ -13,7 +13,7 @@ import pytest
 from _train_worker import synthetic_stream
 from train_testing import random_batch, tiny_config, write_source
 
-from clip_jax import api, convert, lora, losses, optim, train, train_state
+from clip_jax import api, lora, losses, optim, train, train_state
 from clip_jax import config as config_lib
 from clip_jax import sharding as sharding_lib
 from clip_jax.models import two_towers
