@@ -41,6 +41,7 @@ def get_config(arg=None):
                                                    f"train_k{arg.shots}"),
                 class_name_caption=False)
   held = c.evals["heldout_concepts"]
+  held.source = "emoji"  # The training data is a folder now.
   c.evals = ml_collections.ConfigDict({
       "openmoji_rest": dict(type="zeroshot", source="image_folder",
                             path=os.path.join(arg.data, "rest"),
