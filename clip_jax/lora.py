@@ -102,8 +102,9 @@ def scale(lora_config) -> float:
 
 
 def check_config(lora_config, freeze=None) -> None:
-  """Raises ValueError on a bad config.lora (no-op when it is off)."""
-  if not enabled(lora_config):
+  """Raises ValueError on a bad config.lora (rank, alpha and the regexes
+  are checked even when it is off, so a typo shows before it is used)."""
+  if not lora_config:
     return
   rank, alpha = lora_config.get("rank"), lora_config.get("alpha")
   if not isinstance(rank, int) or rank < 1:
@@ -119,7 +120,7 @@ def check_config(lora_config, freeze=None) -> None:
       except re.error as e:
         raise ValueError(f"config.lora.{key}={pattern!r} is not a regex "
                          f"({e}).") from None
-  if freeze:
+  if freeze and enabled(lora_config):
     raise ValueError(
         f"config.freeze={freeze!r} is set together with config.lora: LoRA "
         "freezes every param but the adapters itself; set config.freeze="

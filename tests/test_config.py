@@ -177,6 +177,10 @@ _BAD_CONFIGS = [
                            "'img/.*'"]),
     ("init.workdir", "/nonexistent/run",
      ["config.init.workdir='/nonexistent/run'", "no checkpoints/ folder"]),
+    # LoRA.
+    ("lora.rank", 0, ["config.lora.rank=0", "integer >= 1"]),
+    ("lora.targets", "img/(", ["config.lora.targets='img/('",
+                               "not a regex"]),
 ]
 
 
