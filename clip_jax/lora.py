@@ -209,6 +209,12 @@ def add_adapters(params, lora_config, rng):
     return params
   rank = int(lora_config.rank)
   flat = _flat(params)
+  extra = lora_config.get("train")
+  if extra and not any(re.fullmatch(extra, p) for p in flat):
+    raise ValueError(
+        f"config.lora.train={extra!r} matches no parameter (it must match a "
+        f"whole '/'-joined path such as {', '.join(list(flat)[:3])}); e.g. "
+        "'logit_scale'.")
   rng = jax.random.fold_in(rng, _RNG_SALT)
   for i, module in enumerate(target_modules(params, lora_config.targets)):
     kernel = flat[f"{module}/kernel"]

@@ -256,6 +256,10 @@ def test_bad_lora_configs_are_errors():
   config.freeze = "img/.*"
   with pytest.raises(ValueError, match="config.freeze='img/.*' is set"):
     lora.check_config(config.lora, config.freeze)
+  config = _config()
+  config.lora.train = "logit_scal"
+  with pytest.raises(ValueError, match="lora.train='logit_scal' matches no"):
+    _init(config)
   config = _config(rank=0)
   with pytest.raises(ValueError, match="rank=0"):
     lora.check_config(config.lora)
