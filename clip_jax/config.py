@@ -504,6 +504,11 @@ def _check_distill(config, **_) -> None:
   distill.check_config(config)
 
 
+def _check_lora(config, **_) -> None:
+  from clip_jax import lora  # pylint: disable=g-import-not-at-top
+  lora.check_config(config.get("lora"), config.get("freeze"))
+
+
 def _check_accumulation(config, *, device_count: int, **_) -> None:
   accum, mode = config.get("accum_steps", 1), config.get("accum_mode", "exact")
   if mode not in ("exact", "naive"):
@@ -591,6 +596,7 @@ CHECKS = (
      _check_smoothing_optimizer_slip),
     ("distillation: weights, teacher workdir, teacher's inputs",
      _check_distill),
+    ("LoRA rank, alpha, regexes; not with freeze", _check_lora),
     ("evals", _check_evals),
 )
 
@@ -759,6 +765,14 @@ def base_config() -> ml_collections.ConfigDict:
   # Regex over '/'-joined param paths (re.fullmatch, e.g. 'img/.*'): those
   # params are never updated and get no optimiser state (LiT); None = none.
   c.freeze = config_dict.placeholder(str)
+  # LoRA adapters (clip_jax/lora.py): targets = regex over Dense module
+  # paths (re.fullmatch, e.g. '.*/attn/(query|value)'; None = off), rank r,
+  # alpha (update = alpha / r x A B), train = regex of base params trained
+  # beside the adapters (None = adapters only). With LoRA on, every other
+  # param is frozen and config.freeze must be None.
+  c.lora = ml_collections.ConfigDict(dict(
+      targets=config_dict.placeholder(str), rank=8, alpha=8.0,
+      train=config_dict.placeholder(str)))
 
   # Start from another clip_jax workdir's checkpoint (e.g. one written by
   # clip_jax.convert), at step 0 only: the params whose path fully matches

@@ -24,6 +24,8 @@ Config keys (top level of the experiment config):
   freeze:         regex; parameters whose '/'-joined path it fully matches
                   (re.fullmatch, e.g. 'img/.*' = the image tower) are never
                   updated and get no optimiser state; None = train all.
+                  With config.lora on, freeze must be None: LoRA freezes
+                  every param but its adapters (freeze_of, clip_jax/lora.py).
 
 Frozen parameters (LiT's locked tower) go through optax.multi_transform:
 the AdamW chain sees only the trained ones (frozen leaves are
@@ -110,6 +112,15 @@ def frozen_mask(params, freeze) -> object:
       params)
 
 
+def freeze_of(config):
+  """The freeze regex in effect: config.freeze, or with config.lora on,
+  every param but the adapters (and config.lora.train's)."""
+  from clip_jax import lora  # pylint: disable=g-import-not-at-top
+  if lora.enabled(config.get("lora")):
+    return lora.freeze_regex(config.lora)
+  return config.get("freeze")
+
+
 def make_schedule(config, *, total_steps: int, warmup_steps: int):
   """Linear warmup from 0 to `config.lr`, then the configured decay."""
   if config.schedule not in SCHEDULES:
@@ -169,7 +180,7 @@ def make_optimizer(config, params, *, total_steps: int, warmup_steps: int):
       # fits the trained-only tree of multi_transform below.
       mask=lambda p: decay_mask(p, config.wd_exclude)))
   tx = optax.chain(*chain)
-  frozen = frozen_mask(params, config.get("freeze"))
+  frozen = frozen_mask(params, freeze_of(config))
   if any(jax.tree_util.tree_leaves(frozen)):
     labels = jax.tree_util.tree_map(
         lambda f: "frozen" if f else "trained", frozen)

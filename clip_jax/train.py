@@ -45,7 +45,16 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from clip_jax import checkpoint as checkpoint_lib
-from clip_jax import cli, distill, losses, optim, pretrained, slip, train_state
+from clip_jax import (
+  cli,
+  distill,
+  lora,
+  losses,
+  optim,
+  pretrained,
+  slip,
+  train_state,
+)
 from clip_jax import config as config_lib
 from clip_jax import metrics as metrics_lib
 from clip_jax import plot as plot_lib
@@ -345,6 +354,15 @@ def _loop(config, workdir, ckpt, writer, data_iter, dataset_size, *, model,
   writer.log(f"{n_params:,} parameters; mesh {dict(mesh.shape)} over "
              f"{jax.device_count()} devices, {jax.process_count()} processes; "
              f"{total_steps} steps of {config.batch_size} examples.")
+  frozen = (optim.frozen_mask(param_shapes, optim.freeze_of(config))
+            if optim.freeze_of(config) else None)
+  if frozen is not None:
+    trained, _ = lora.tree_size([x for x, f in zip(
+        jax.tree_util.tree_leaves(param_shapes),
+        jax.tree_util.tree_leaves(frozen)) if not f])
+    opt_values, opt_bytes = lora.tree_size(shapes["opt"])
+    writer.log(f"{trained:,} of them trained (config.freeze / config.lora); "
+               f"optimiser state {opt_values:,} values, {opt_bytes:,} bytes.")
 
   # Extra loss terms, each with its step input (and that input's shardings).
   extras = []
@@ -368,8 +386,7 @@ def _loop(config, workdir, ckpt, writer, data_iter, dataset_size, *, model,
       model, tx, loss_fn, schedule, mesh, shardings,
       max_log_logit_scale=two_towers.max_log_logit_scale(config.model),
       accum_steps=config.accum_steps, accum_mode=config.accum_mode,
-      frozen=(optim.frozen_mask(param_shapes, config.freeze)
-              if config.get("freeze") else None),
+      frozen=frozen,
       extra_loss=extra_loss,
       extra_input_shardings=extra_shardings if extra_loss else None)
   has_bias = config.model.get("logit_bias_init") is not None

@@ -44,6 +44,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from clip_jax import lora
 from clip_jax import sharding as sharding_lib
 
 METRIC_NAMES = ("loss", "logit_scale", "logit_bias", "grad_norm", "lr",
@@ -61,7 +62,9 @@ def init_model_params(model, config, rng):
   size = config.model.image.image_size
   images = jnp.zeros((1, size, size, 3), jnp.float32)
   tokens = jnp.zeros((1, config.model.text.context_length), jnp.int32)
-  return model.init(rng, images, tokens)["params"]
+  params = model.init(rng, images, tokens)["params"]
+  # LoRA adapters (config.lora; none when it is off), beside their kernels.
+  return lora.add_adapters(params, config.get("lora"), rng)
 
 
 def init_params(model, config, rng):

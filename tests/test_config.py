@@ -189,6 +189,10 @@ _BAD_CONFIGS = [
     ("distill.teacher_workdir", "/nonexistent/teacher",
      ["config.distill.teacher_workdir='/nonexistent/teacher'",
       "no config.json"]),
+    # LoRA.
+    ("lora.rank", 0, ["config.lora.rank=0", "integer >= 1"]),
+    ("lora.targets", "img/(", ["config.lora.targets='img/('",
+                               "not a regex"]),
 ]
 
 

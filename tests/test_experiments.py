@@ -11,7 +11,7 @@ import os
 import pytest
 
 from clip_jax import config as config_lib
-from clip_jax import sweep
+from clip_jax import lora, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*",
@@ -30,7 +30,7 @@ def with_overrides(config, overrides):
 ABLATIONS = {"sigmoid_vs_softmax_batch", "siglip_bias_temperature_init",
              "learnable_temperature", "prompt_ensembling",
              "gradient_accumulation", "effective_robustness"}  # Issue 11.
-METHODS = {"multi_positive", "slip", "distillation"}  # Issue 13.
+METHODS = {"multi_positive", "slip", "distillation", "lora"}  # Issue 13.
 
 
 def test_every_experiment_is_listed():
@@ -80,5 +80,27 @@ def test_every_point_is_a_valid_config(path, tmp_path):
       continue
     config = with_overrides(sweep.load_point_config(path, overrides),
                             overrides)
+    if config.init.get("workdir") and not os.path.isdir(config.init.workdir):
+      # A pretrained workdir the experiment needs (made by `make demo`):
+      # validation checks only that it has checkpoints/.
+      config.init.workdir = str(tmp_path / "pretrained")
+      os.makedirs(os.path.join(config.init.workdir, "checkpoints"),
+                  exist_ok=True)
     config_lib.validate(with_stand_in_teacher(config, tmp_path),
                         device_count=1)
+
+
+def test_lora_sweep_compares_full_and_lora_fine_tuning_of_the_demo():
+  path = os.path.join(ROOT, "experiments", "lora", "config.py")
+  configs = [sweep.load_point_config(path, p) for p in sweep.load_sweep(path)]
+  full = [c for c in configs if not c.lora.targets]
+  adapted = [c for c in configs if c.lora.targets]
+  assert full and adapted and len(full) + len(adapted) == len(configs)
+  assert {c.lora.rank for c in adapted} == {4, 8}
+  demo = config_lib.load_config_file(os.path.join(ROOT, "configs", "demo.py"))
+  for c in configs:
+    assert c.model.to_dict() == demo.model.to_dict()  # Fits runs/demo.
+    assert c.init.workdir == "runs/demo" and c.freeze is None
+  # Full fine-tuning loads every param; LoRA every param but the adapters.
+  assert {c.init.include for c in full} == {".*"}
+  assert {c.init.include for c in adapted} == {lora.BASE_PARAMS}

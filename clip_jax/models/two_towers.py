@@ -259,12 +259,16 @@ def build_model(model_config, *, pixel_mean=None,
 
 def build_run_model(config) -> TwoTowers:
   """The model of a run's whole config: config.model, with the pixel
-  mean/std of config.data (uint8 images are normalised on the device) and,
-  when config.slip asks for it, SLIP's SSL head."""
-  from clip_jax import slip  # pylint: disable=g-import-not-at-top
-  return build_model(config.model, pixel_mean=config.data.get("mean"),
-                     pixel_std=config.data.get("std"),
-                     ssl_head_dims=slip.head_dims(config))
+  mean/std of config.data (uint8 images are normalised on the device),
+  SLIP's SSL head when config.slip asks for it and, with config.lora on,
+  the LoRA adapters merged into the kernels it reads (clip_jax/lora.py)."""
+  from clip_jax import lora, slip  # pylint: disable=g-import-not-at-top
+  model = build_model(config.model, pixel_mean=config.data.get("mean"),
+                      pixel_std=config.data.get("std"),
+                      ssl_head_dims=slip.head_dims(config))
+  if lora.enabled(config.get("lora")):
+    model = lora.wrap_model(model, config.lora)
+  return model
 
 
 def remat_policy(model_config) -> str:
