@@ -172,10 +172,12 @@ MODEL_KEYS = {
     "text_projection_bias": (bool, None),
     "image": {"variant": (str,), "image_size": (int,), "pool": (str,),
               "ln_pre": (bool, None), "patch_size": (int, None),
-              "patch_bias": (bool, None), **_TOWER_DIMS},
+              "patch_bias": (bool, None), "patch_embed": (str, None),
+              **_TOWER_DIMS},
     "text": {"variant": (str,), "vocab_size": (int,),
              "context_length": (int,), "pool": (str,), "causal": (bool,),
              "eos_id": (int,), "pad_id": (int,), "mask_pad": (bool, None),
+             "embed_lookup": (str, None),
              **_TOWER_DIMS},
 }
 # Keys whose default's type is narrower than what they accept.

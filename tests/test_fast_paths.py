@@ -3,7 +3,8 @@
 Each option computes the same function from the same params: the param
 trees (names, shapes, init values) must be identical, and outputs and
 gradients equal up to float32 rounding (the reference is the model built
-with the plain formulation: flax's MultiHeadDotProductAttention, ...).
+with the plain formulation: flax's MultiHeadDotProductAttention, the
+strided nn.Conv patch embedding, the nn.Embed gather).
 """
 
 import jax
@@ -52,9 +53,14 @@ def _loss(model, params, images, tokens):
     {},
     # Scanned, rematerialised, MAP head, bidirectional text, mean pooling.
     {"scan": True, "remat_policy": "full", "image.depth": 2,
-     "image.pool": "map", "text.causal": False, "text.pool": "mean"},
+     "image.pool": "map", "text.causal": False, "text.pool": "mean",
+     "image.patch_bias": True},
 ])
-@pytest.mark.parametrize("option", [{"attention": "fused_qkv"}])
+@pytest.mark.parametrize("option", [
+    {"attention": "fused_qkv"},
+    {"image.patch_embed": "matmul"},
+    {"text.embed_lookup": "one_hot"},
+])
 def test_fast_formulation_matches_reference(base, option):
   images, tokens = _inputs()
   reference = two_towers.build_model(_config(**base))
