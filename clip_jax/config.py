@@ -698,6 +698,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.wd_convention = "coupled"   # 'coupled' (x lr, PyTorch) | 'decoupled'.
   c.wd_exclude = config_dict.placeholder(str)
   c.adam = ml_collections.ConfigDict(dict(b1=0.9, b2=0.98, eps=1e-6))
+  # True: clipping and Adam's moments over one flat vector (optax.flatten);
+  # replicated params only. See clip_jax/optim.py.
+  c.adam.flatten = False
   c.grad_clip_norm = config_dict.placeholder(float)
   c.schedule = "cosine"
   c.min_lr_ratio = 0.0
