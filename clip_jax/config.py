@@ -166,7 +166,7 @@ MODEL_KEYS = {
     "logit_scale_max": (float, None), "logit_bias_init": (float, None),
     "dtype": (str,), "activation": (str,), "remat": (bool,),
     "remat_policy": (str, None),
-    "scan": (bool,),
+    "scan": (bool,), "attention": (str, None),
     # Optional, for converted checkpoints (HF / open_clip / SigLIP).
     "ln_eps": (float, None), "image_projection": (bool, None),
     "text_projection_bias": (bool, None),
