@@ -45,6 +45,9 @@ XLA compile options per label), each compiled once, then timed in turn
 for --ab_rounds rounds in one process: the median per-round ratio to the
 first variant is the figure to read on a shared machine.
 
+`patch`: the patch embedding alone (forward + kernel gradient): the strided
+conv vs model.image.patch_embed='matmul', alternated for --ab_rounds rounds.
+
 `profile`: a jax.profiler trace of --steps_per_window compiled steps;
 the time of every thunk summed by the heaviest op its fusion wraps (dot,
 convolution, transpose, reduce, gather, scatter, else elementwise).
@@ -93,6 +96,7 @@ import os
 import statistics
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -866,7 +870,51 @@ def main_profile():
               _OUT.value or "runs/bench_profile.json")
 
 
+def main_patch():
+  """The patch embedding alone (forward + kernel gradient, jitted): conv vs
+  matmul (vit.PATCH_EMBEDS), alternated for --ab_rounds rounds of
+  --steps_per_window calls; a small-memory stand-in for `ab` on big towers.
+  """
+  from clip_jax.models import vit  # pylint: disable=g-import-not-at-top
+  config = step_config(_MODEL.value, _CONFIG.value, _BATCH.value)
+  tower = vit.build(config.model.image, activation="gelu",
+                    dtype=jnp.float32, remat_policy="none", scan=False)
+  images = jnp.asarray(float_batch_arrays(config)["image"])
+  params = None
+  fns = {}
+  for kind in vit.PATCH_EMBEDS:
+    if kind == "matmul":
+      module = vit.MatmulPatchEmbed(tower.width, tower.patch_size,
+                                    tower.patch_bias, jnp.float32)
+    else:
+      p = tower.patch_size
+      module = nn.Conv(tower.width, (p, p), strides=(p, p), padding="VALID",
+                       use_bias=tower.patch_bias)
+    if params is None:  # Same params for both (same names and shapes).
+      params = module.init(jax.random.key(0), images[:1])
+    def loss(params, images, module=module):
+      return jnp.sum(jnp.square(module.apply(params, images)))
+    grad = jax.jit(jax.value_and_grad(loss))  # Params only, as training.
+    jax.block_until_ready(grad(params, images))
+    fns[kind] = lambda grad=grad, params=params: jax.block_until_ready(
+        grad(params, images))
+  rates = {k: [] for k in fns}
+  for _ in range(_ROUNDS.value):
+    for kind, fn in fns.items():
+      rates[kind].append(_median_rate(fn, config.batch_size, 1,
+                                      _STEPS.value)[0])
+  ratios = [m / c for m, c in zip(rates["matmul"], rates["conv"])]
+  conv, matmul = (statistics.median(rates[k]) for k in ("conv", "matmul"))
+  print(f"patch embedding fwd + kernel grad, {_MODEL.value or _CONFIG.value}"
+        f", batch {config.batch_size}: conv {conv:.1f}, "
+        f"matmul {matmul:.1f} ex/s; matmul x"
+        f"{statistics.median(ratios):.3f} vs conv (rounds "
+        f"{', '.join(f'{x:.2f}' for x in ratios)}; load "
+        f"{os.getloadavg()[0]:.1f})")
+
+
 COMMANDS = {"step": main_step, "ab": main_ab, "profile": main_profile,
+            "patch": main_patch,
             "loss": main_loss, "step32k": main_step32k, "memory": main_memory}
 
 
