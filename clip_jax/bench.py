@@ -22,6 +22,9 @@
                them: on a small machine both share the same cores, so this
                is below either figure alone, and 1 - train_loop / train_step
                is the share of the loop's time the input costs.
+Both step figures sync once per window of --steps_per_window steps, after
+the last, as clip_jax.train syncs only at its log steps (so the host fetches
+and ships the next batch while a step runs).
 The machine is shared and noisy, so all are medians of several windows
 measured in the same run, and the ratios are the figures to compare.
 `step` also prints, for the train step: compile seconds, model FLOPs per
@@ -41,6 +44,9 @@ and loop figures (the default for b32, which has no local data).
 XLA compile options per label), each compiled once, then timed in turn
 for --ab_rounds rounds in one process: the median per-round ratio to the
 first variant is the figure to read on a shared machine.
+
+`patch`: the patch embedding alone (forward + kernel gradient): the strided
+conv vs model.image.patch_embed='matmul', alternated for --ab_rounds rounds.
 
 `profile`: a jax.profiler trace of --steps_per_window compiled steps;
 the time of every thunk summed by the heaviest op its fusion wraps (dot,
@@ -90,6 +96,7 @@ import os
 import statistics
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -193,6 +200,20 @@ def _timed_steps(step, state, next_batch):
     jax.block_until_ready(metrics)
 
   return one_step
+
+
+def _timed_window(step, state, next_batch, steps: int):
+  """A no-argument function running `steps` steps, synced after the last
+  only, as clip_jax.train's loop syncs only at its log steps: the host
+  fetches and ships batch i + 1 while step i runs."""
+  holder = {"state": state}
+
+  def window():
+    for _ in range(steps):
+      holder["state"], metrics = step(holder["state"], next_batch())
+    jax.block_until_ready(metrics)
+
+  return window
 
 
 # Named sizes of `step --model`: (config file, its argument, overrides).
@@ -302,9 +323,9 @@ def bench_train_step(config, windows: int, calls: int,
   """(median examples/s, all windows, facts of the compiled step)."""
   compiled, state, batch, compile_s, flops = compiled_step(config,
                                                            compiler_options)
-  one_step = _timed_steps(compiled, state, lambda: batch)
-  one_step()  # Warm-up.
-  rate, rates = _median_rate(one_step, config.batch_size, windows, calls)
+  window = _timed_window(compiled, state, lambda: batch, calls)
+  window()  # Warm-up.
+  rate, rates = _median_rate(window, config.batch_size * calls, windows, 1)
   return rate, rates, {"compile_seconds": compile_s,
                        "compiled_flops_per_step": flops}
 
@@ -320,10 +341,10 @@ def bench_train_loop(config, windows: int, calls: int):
     return sharding_lib.host_to_global(
         {k: local[k] for k in ("image", "text")}, mesh)
 
-  one_step = _timed_steps(step, state, next_batch)
+  window = _timed_window(step, state, next_batch, calls)
   with iterator:
-    one_step()  # Compile, start the pipeline.
-    return _median_rate(one_step, config.batch_size, windows, calls)
+    window()  # Compile, start the pipeline.
+    return _median_rate(window, config.batch_size * calls, windows, 1)
 
 
 def bench_pipeline(config, windows: int, calls: int):
@@ -849,7 +870,51 @@ def main_profile():
               _OUT.value or "runs/bench_profile.json")
 
 
+def main_patch():
+  """The patch embedding alone (forward + kernel gradient, jitted): conv vs
+  matmul (vit.PATCH_EMBEDS), alternated for --ab_rounds rounds of
+  --steps_per_window calls; a small-memory stand-in for `ab` on big towers.
+  """
+  from clip_jax.models import vit  # pylint: disable=g-import-not-at-top
+  config = step_config(_MODEL.value, _CONFIG.value, _BATCH.value)
+  tower = vit.build(config.model.image, activation="gelu",
+                    dtype=jnp.float32, remat_policy="none", scan=False)
+  images = jnp.asarray(float_batch_arrays(config)["image"])
+  params = None
+  fns = {}
+  for kind in vit.PATCH_EMBEDS:
+    if kind == "matmul":
+      module = vit.MatmulPatchEmbed(tower.width, tower.patch_size,
+                                    tower.patch_bias, jnp.float32)
+    else:
+      p = tower.patch_size
+      module = nn.Conv(tower.width, (p, p), strides=(p, p), padding="VALID",
+                       use_bias=tower.patch_bias)
+    if params is None:  # Same params for both (same names and shapes).
+      params = module.init(jax.random.key(0), images[:1])
+    def loss(params, images, module=module):
+      return jnp.sum(jnp.square(module.apply(params, images)))
+    grad = jax.jit(jax.value_and_grad(loss))  # Params only, as training.
+    jax.block_until_ready(grad(params, images))
+    fns[kind] = lambda grad=grad, params=params: jax.block_until_ready(
+        grad(params, images))
+  rates = {k: [] for k in fns}
+  for _ in range(_ROUNDS.value):
+    for kind, fn in fns.items():
+      rates[kind].append(_median_rate(fn, config.batch_size, 1,
+                                      _STEPS.value)[0])
+  ratios = [m / c for m, c in zip(rates["matmul"], rates["conv"])]
+  conv, matmul = (statistics.median(rates[k]) for k in ("conv", "matmul"))
+  print(f"patch embedding fwd + kernel grad, {_MODEL.value or _CONFIG.value}"
+        f", batch {config.batch_size}: conv {conv:.1f}, "
+        f"matmul {matmul:.1f} ex/s; matmul x"
+        f"{statistics.median(ratios):.3f} vs conv (rounds "
+        f"{', '.join(f'{x:.2f}' for x in ratios)}; load "
+        f"{os.getloadavg()[0]:.1f})")
+
+
 COMMANDS = {"step": main_step, "ab": main_ab, "profile": main_profile,
+            "patch": main_patch,
             "loss": main_loss, "step32k": main_step32k, "memory": main_memory}
 
 

@@ -166,16 +166,18 @@ MODEL_KEYS = {
     "logit_scale_max": (float, None), "logit_bias_init": (float, None),
     "dtype": (str,), "activation": (str,), "remat": (bool,),
     "remat_policy": (str, None),
-    "scan": (bool,),
+    "scan": (bool,), "attention": (str, None),
     # Optional, for converted checkpoints (HF / open_clip / SigLIP).
     "ln_eps": (float, None), "image_projection": (bool, None),
     "text_projection_bias": (bool, None),
     "image": {"variant": (str,), "image_size": (int,), "pool": (str,),
               "ln_pre": (bool, None), "patch_size": (int, None),
-              "patch_bias": (bool, None), **_TOWER_DIMS},
+              "patch_bias": (bool, None), "patch_embed": (str, None),
+              **_TOWER_DIMS},
     "text": {"variant": (str,), "vocab_size": (int,),
              "context_length": (int,), "pool": (str,), "causal": (bool,),
              "eos_id": (int,), "pad_id": (int,), "mask_pad": (bool, None),
+             "embed_lookup": (str, None),
              **_TOWER_DIMS},
 }
 # Keys whose default's type is narrower than what they accept.
@@ -759,6 +761,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.wd_convention = "coupled"   # 'coupled' (x lr, PyTorch) | 'decoupled'.
   c.wd_exclude = config_dict.placeholder(str)
   c.adam = ml_collections.ConfigDict(dict(b1=0.9, b2=0.98, eps=1e-6))
+  # True: clipping and Adam's moments over one flat vector (optax.flatten);
+  # replicated params only. See clip_jax/optim.py.
+  c.adam.flatten = False
   c.grad_clip_norm = config_dict.placeholder(float)
   c.schedule = "cosine"
   c.min_lr_ratio = 0.0

@@ -17,6 +17,17 @@ Config keys (top level of the experiment config):
                   decay. Parameters with fewer than 2 dims (biases, norm
                   scales, logit scale/bias) never decay.
   adam.b1/b2/eps: AdamW moments; CLIP used b2=0.98, eps=1e-6.
+  adam.flatten:   optional, default False. True: the gradient clipping and
+                  Adam's moments run over one vector, all trained
+                  parameters concatenated (optax.flatten), instead of one
+                  small op per parameter; weight decay and the lr stay per
+                  parameter (optax.adamw's own chain). Same updates up to
+                  float32 rounding of the global norm, but a different
+                  optimiser state (one flat mu / nu), so a checkpoint of
+                  one setting does not restore into the other. Only for
+                  fully replicated params (the flat state is replicated;
+                  with FSDP it would gather every shard): train_state
+                  refuses it otherwise.
   grad_clip_norm: clip the global gradient norm to this value; None = off.
   schedule:       'cosine' | 'linear' | 'constant' after the linear warmup.
   min_lr_ratio:   final lr as a fraction of `lr` for 'cosine'/'linear'.
@@ -162,24 +173,50 @@ def weight_decay_per_lr(config) -> float:
   return config.wd / config.lr
 
 
-def make_optimizer(config, params, *, total_steps: int, warmup_steps: int):
-  """Returns (optax transformation, lr schedule)."""
-  schedule = make_schedule(config, total_steps=total_steps,
-                           warmup_steps=warmup_steps)
-  chain = []
-  if config.grad_clip_norm is not None:
-    chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
+def flattens(config) -> bool:
+  """Whether config.adam.flatten puts the moments in one flat vector."""
+  return bool(config.adam.get("flatten"))
+
+
+def _clip_and_optimizer(config, schedule):
+  """Clipping (if any) then AdamW or LAMB; with adam.flatten (AdamW only),
+  the clipping and optax.adamw's first stage (scale_by_adam) see one flat
+  vector."""
+  clip = ([] if config.grad_clip_norm is None else
+          [optax.clip_by_global_norm(config.grad_clip_norm)])
+  # A function of the (possibly masked) tree it is given, so it also fits
+  # the trained-only tree of multi_transform below.
+  mask = lambda p: decay_mask(p, config.wd_exclude)  # noqa: E731
+  adam = dict(b1=config.adam.b1, b2=config.adam.b2, eps=config.adam.eps)
+  wd = weight_decay_per_lr(config)
   name = config.get("optimizer", "adamw")
   if name not in OPTIMIZERS:
     raise ValueError(
         f"config.optimizer={name!r} is not one of {OPTIMIZERS}.")
-  chain.append((optax.lamb if name == "lamb" else optax.adamw)(
-      schedule, b1=config.adam.b1, b2=config.adam.b2, eps=config.adam.eps,
-      weight_decay=weight_decay_per_lr(config),
-      # A function of the (possibly masked) tree it is given, so it also
-      # fits the trained-only tree of multi_transform below.
-      mask=lambda p: decay_mask(p, config.wd_exclude)))
-  tx = optax.chain(*chain)
+  if name == "lamb":
+    if flattens(config):
+      raise ValueError(
+          "config.adam.flatten=True with config.optimizer='lamb': LAMB's "
+          "trust ratio is per parameter, so it cannot run on one flat "
+          "vector; set adam.flatten=False.")
+    return optax.chain(*clip, optax.lamb(schedule, weight_decay=wd,
+                                         mask=mask, **adam))
+  if not flattens(config):
+    return optax.chain(*clip, optax.adamw(schedule, weight_decay=wd,
+                                          mask=mask, **adam))
+  # optax.adamw is chain(scale_by_adam, add_decayed_weights,
+  # scale_by_learning_rate); the decay needs the per-parameter tree.
+  return optax.chain(
+      optax.flatten(optax.chain(*clip, optax.scale_by_adam(**adam))),
+      optax.add_decayed_weights(wd, mask),
+      optax.scale_by_learning_rate(schedule))
+
+
+def make_optimizer(config, params, *, total_steps: int, warmup_steps: int):
+  """Returns (optax transformation, lr schedule)."""
+  schedule = make_schedule(config, total_steps=total_steps,
+                           warmup_steps=warmup_steps)
+  tx = _clip_and_optimizer(config, schedule)
   frozen = frozen_mask(params, freeze_of(config))
   if any(jax.tree_util.tree_leaves(frozen)):
     labels = jax.tree_util.tree_map(

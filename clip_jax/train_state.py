@@ -44,7 +44,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from clip_jax import lora
+from clip_jax import lora, optim
 from clip_jax import sharding as sharding_lib
 
 METRIC_NAMES = ("loss", "logit_scale", "logit_bias", "grad_norm", "lr",
@@ -99,6 +99,20 @@ def opt_shardings(tx, opt_shapes, param_shardings, mesh):
       transform_non_params=lambda _: replicated, is_leaf=masked)
 
 
+def check_flat_optimizer_replicated(param_shardings) -> None:
+  """config.adam.flatten keeps one replicated flat state: refuse sharded
+  params, whose shards the flat vector would gather on every device."""
+  sharded = [optim.path_str(path) for path, s in
+             jax.tree_util.tree_flatten_with_path(param_shardings)[0]
+             if not s.is_fully_replicated]
+  if sharded:
+    raise ValueError(
+        f"config.adam.flatten=True needs fully replicated params, but "
+        f"config.sharding_rules shard {len(sharded)} of them (e.g. "
+        f"{', '.join(sharded[:3])}); set config.adam.flatten=False or "
+        "replicate every param (sharding_rules=(('.*', 'replicate'),)).")
+
+
 def abstract_state(model, tx, config, mesh):
   """(ShapeDtypeStruct tree of the state, NamedSharding tree of the state)."""
 
@@ -110,8 +124,14 @@ def abstract_state(model, tx, config, mesh):
   shapes = jax.eval_shape(init, jax.random.key(0))
   params = sharding_lib.tree_shardings(shapes["params"], mesh,
                                        config.sharding_rules)
+  if optim.flattens(config):  # One flat, replicated mu / nu.
+    check_flat_optimizer_replicated(params)
+    opt = jax.tree_util.tree_map(
+        lambda _: sharding_lib.replicated(mesh), shapes["opt"])
+  else:
+    opt = opt_shardings(tx, shapes["opt"], params, mesh)
   shardings = {"step": sharding_lib.replicated(mesh), "params": params,
-               "opt": opt_shardings(tx, shapes["opt"], params, mesh)}
+               "opt": opt}
   return shapes, shardings, init
 
 

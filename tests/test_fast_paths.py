@@ -3,7 +3,8 @@
 Each option computes the same function from the same params: the param
 trees (names, shapes, init values) must be identical, and outputs and
 gradients equal up to float32 rounding (the reference is the model built
-with the plain formulation: flax's MultiHeadDotProductAttention, ...).
+with the plain formulation: flax's MultiHeadDotProductAttention, the
+strided nn.Conv patch embedding, the nn.Embed gather).
 """
 
 import jax
@@ -12,6 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from clip_jax import config as config_lib
 from clip_jax.models import two_towers
 
 
@@ -52,9 +54,14 @@ def _loss(model, params, images, tokens):
     {},
     # Scanned, rematerialised, MAP head, bidirectional text, mean pooling.
     {"scan": True, "remat_policy": "full", "image.depth": 2,
-     "image.pool": "map", "text.causal": False, "text.pool": "mean"},
+     "image.pool": "map", "text.causal": False, "text.pool": "mean",
+     "image.patch_bias": True},
 ])
-@pytest.mark.parametrize("option", [{"attention": "fused_qkv"}])
+@pytest.mark.parametrize("option", [
+    {"attention": "fused_qkv"},
+    {"image.patch_embed": "matmul"},
+    {"text.embed_lookup": "one_hot"},
+])
 def test_fast_formulation_matches_reference(base, option):
   images, tokens = _inputs()
   reference = two_towers.build_model(_config(**base))
@@ -85,3 +92,27 @@ def test_fast_formulation_matches_reference(base, option):
                           jax.tree_util.tree_leaves(got_g)):
     np.testing.assert_allclose(b / scale, a / scale, atol=1e-5,
                                err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("key, value, bad", [
+    ("model.attention", "fused_qkv", "fused"),
+    ("model.image.patch_embed", "matmul", "dense"),
+    ("model.text.embed_lookup", "one_hot", "onehot"),
+])
+def test_run_config_accepts_the_options_and_refuses_unknown_values(
+    key, value, bad):
+  """The keys are known to config.validate (a run can set them by flag)
+  and a misspelt value names the key."""
+  *parents, leaf = key.split(".")
+
+  def with_value(v):
+    config = config_lib.load_config_file("configs/demo.py")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = v
+    return config
+
+  config_lib.validate(with_value(value), device_count=1)
+  with pytest.raises(ValueError, match=f"config.{key}={bad!r}"):
+    config_lib.validate(with_value(bad), device_count=1)

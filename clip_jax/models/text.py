@@ -23,6 +23,13 @@ Config (`config.model.text`):
   causal          causal self-attention (CLIP: True; SigLIP: False).
   eos_id, pad_id  the tokenizer's ids (clip_jax.data.tokenizer: 1 and 0).
   mask_pad        optional, default True: mask pad keys out of attention.
+  embed_lookup    optional, default 'gather': how token rows are read from
+                  the embedding, an EMBED_LOOKUPS name: 'gather' (jnp.take;
+                  its gradient is a scatter-add over the vocabulary) or
+                  'one_hot' (a [tokens, vocab] one-hot matmul; its gradient
+                  is a matmul too). Same params and outputs; gradients equal
+                  up to float32 summation order. One-hot costs 2 x vocab x
+                  width FLOPs per token each way: for small vocabularies.
 
 Params: token_embed/embedding [vocab, width], pos_embed [context, width],
 encoder/..., ln_final.
@@ -33,6 +40,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from clip_jax.models import common
@@ -45,6 +53,14 @@ VARIANTS = {
     "large": dict(width=768, depth=12, mlp_dim=3072, heads=12),
 }
 POOLS = ("eos", "last", "first", "mean", "argmax")
+EMBED_LOOKUPS = ("gather", "one_hot")
+
+
+def check_embed_lookup(name: str) -> str:
+  if name not in EMBED_LOOKUPS:
+    raise ValueError(f"config.model.text.embed_lookup={name!r} is not one "
+                     f"of {EMBED_LOOKUPS}.")
+  return name
 
 
 def pool_tokens(x, tokens, pool: str, *, eos_id: int, pad_id: int):
@@ -86,6 +102,7 @@ class TextTransformer(nn.Module):
   remat_policy: str = "none"  # common.REMAT_POLICIES name.
   scan: bool = False
   attention: str = "flax"  # common.ATTENTIONS name.
+  embed_lookup: str = "gather"  # An EMBED_LOOKUPS name.
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False):
@@ -96,9 +113,15 @@ class TextTransformer(nn.Module):
           f"Text of {length} tokens given to a text tower with context "
           f"length {self.context_length}; truncate in the tokenizer or raise "
           "config.model.text.context_length.")
-    x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype,
-                 embedding_init=nn.initializers.normal(0.02),
-                 name="token_embed")(tokens)
+    embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype,
+                     embedding_init=nn.initializers.normal(0.02),
+                     name="token_embed")
+    if check_embed_lookup(self.embed_lookup) == "one_hot":
+      # Ids outside [0, vocab) get a zero row here (jnp.take: NaN).
+      one_hot = jax.nn.one_hot(tokens, self.vocab_size, dtype=self.dtype)
+      x = jnp.dot(one_hot, embed.embedding.astype(self.dtype))
+    else:
+      x = embed(tokens)
     pos = self.param("pos_embed", nn.initializers.normal(0.01),
                      (self.context_length, self.width))
     x = x + pos[:length].astype(self.dtype)
@@ -134,4 +157,6 @@ def build(text_config, *, activation, dtype, remat_policy,
       pad_id=text_config.pad_id,
       mask_pad=text_config.get("mask_pad") is not False,  # None: default.
       ln_eps=ln_eps, activation=activation, dtype=dtype,
-      remat_policy=remat_policy, scan=scan, attention=attention)
+      remat_policy=remat_policy, scan=scan, attention=attention,
+      embed_lookup=check_embed_lookup(
+          text_config.get("embed_lookup") or "gather"))

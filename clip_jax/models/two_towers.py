@@ -43,6 +43,9 @@ Model config keys (`config.model`):
   image.ln_pre      optional, default True (CLIP): LayerNorm before the blocks.
   image.patch_bias  optional, default False (CLIP): bias on the patch
                     embedding (SigLIP: True).
+  image.patch_embed optional, default 'conv': 'matmul' embeds the patches
+                    with a reshape and one matmul against the same kernel
+                    (same params and outputs; see models/vit.py).
   text.variant      clip_jax.models.text.VARIANTS name ('mu', 'tiny', 'base'
                     = CLIP's 12 x 512 x 8 heads, 'large' = 12 x 768 x 12);
                     text.width / depth / mlp_dim / heads override it.
@@ -53,6 +56,9 @@ Model config keys (`config.model`):
   text.mask_pad     optional, default True: pad keys (token == pad_id) are
                     masked out of attention; False = every key attended (as
                     OpenAI CLIP, HF CLIP without attention_mask, SigLIP).
+  text.embed_lookup optional, default 'gather': 'one_hot' reads token rows
+                    by a one-hot matmul, so their gradient is a matmul
+                    instead of a scatter-add (see models/text.py).
   ln_eps            optional, default 1e-5 (PyTorch's, CLIP): every
                     LayerNorm's epsilon (SigLIP: 1e-6).
   image_projection  optional, default True: img_proj, a bias-free Dense from

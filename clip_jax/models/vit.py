@@ -16,6 +16,11 @@ Config (`config.model.image`):
               in CLIP).
   patch_bias  optional, default False (CLIP): a bias on the patch
               embedding (SigLIP has one: param patch_embed/bias [width]).
+  patch_embed optional, default 'conv': how patches are embedded, a
+              PATCH_EMBEDS name: 'conv' (a strided nn.Conv) or 'matmul'
+              (patches cut out by a reshape, then one [p*p*3, width]
+              matmul against the same kernel). Same params, same outputs
+              up to float32 rounding.
 
 Params: patch_embed/kernel [p, p, 3, width] (and bias), cls [width]
 (pool='cls'), pos_embed [tokens, width], ln_pre, encoder/..., ln_post,
@@ -41,6 +46,49 @@ VARIANTS = {
     "L/14": dict(width=1024, depth=24, mlp_dim=4096, heads=16, patch_size=14),
 }
 POOLS = ("cls", "map")
+PATCH_EMBEDS = ("conv", "matmul")
+
+
+def check_patch_embed(name: str) -> str:
+  if name not in PATCH_EMBEDS:
+    raise ValueError(f"config.model.image.patch_embed={name!r} is not one of "
+                     f"{PATCH_EMBEDS}.")
+  return name
+
+
+def patches(images, p: int):
+  """[B, H, W, C] -> [B, (H/p) (W/p), p p C]: row-major patches, each
+  flattened in (row, column, channel) order, as a [p, p, C, width] conv
+  kernel is laid out."""
+  b, h, w, c = images.shape
+  x = images.reshape(b, h // p, p, w // p, p, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+class MatmulPatchEmbed(nn.Module):
+  """nn.Conv(width, (p, p), strides=(p, p), 'VALID')'s params and outputs
+  as a reshape and one matmul: a strided conv whose stride equals its
+  window is a matmul of the flattened patches. Params kernel [p, p, C,
+  width] (and bias [width]) with nn.Conv's initialisers, so the same rng
+  draws the same values. Returns [B, tokens, width]."""
+  width: int
+  patch_size: int
+  use_bias: bool
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, images):
+    p, channels = self.patch_size, images.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (p, p, channels, self.width))
+    x = patches(images, p)
+    x = jnp.dot(x, kernel.reshape(p * p * channels, self.width).astype(
+        self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros_init(), (self.width,))
+      x = x + bias.astype(self.dtype)
+    return x
 
 
 class MAPHead(nn.Module):
@@ -81,6 +129,7 @@ class ViT(nn.Module):
   remat_policy: str = "none"  # common.REMAT_POLICIES name.
   scan: bool = False
   attention: str = "flax"  # common.ATTENTIONS name.
+  patch_embed: str = "conv"  # A PATCH_EMBEDS name.
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -91,10 +140,14 @@ class ViT(nn.Module):
           f"for {self.image_size}x{self.image_size}; resize them or set "
           "config.model.image.image_size.")
     p = self.patch_size
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID",
-                use_bias=self.patch_bias, dtype=self.dtype,
-                name="patch_embed")(
-                    images.astype(self.dtype))
+    if check_patch_embed(self.patch_embed) == "matmul":
+      x = MatmulPatchEmbed(self.width, p, self.patch_bias, self.dtype,
+                           name="patch_embed")(images.astype(self.dtype))
+    else:
+      x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID",
+                  use_bias=self.patch_bias, dtype=self.dtype,
+                  name="patch_embed")(
+                      images.astype(self.dtype))
     x = x.reshape(x.shape[0], -1, self.width)
     if self.pool == "cls":
       cls = self.param("cls", nn.initializers.normal(self.width ** -0.5),
@@ -131,6 +184,8 @@ def build(image_config, *, activation, dtype, remat_policy,
              pool=image_config.pool,
              ln_pre=bool(image_config.get("ln_pre", True)),
              patch_bias=bool(image_config.get("patch_bias") or False),
+             patch_embed=check_patch_embed(
+                 image_config.get("patch_embed") or "conv"),
              ln_eps=ln_eps,
              activation=activation, dtype=dtype, remat_policy=remat_policy,
              scan=scan, attention=attention)
