@@ -44,7 +44,7 @@ def _one_error_line(rc, stdout, stderr):
     (["--config", "configs/clip.py:tinyy", "--workdir", "W"],
      ["Unknown config argument 'tinyy'", "Valid arguments"]),
     (TINY + ["--workdir", "W", "--config.loss=sigmod"],
-     ["config.loss='sigmod'", "['sigmoid', 'sigmoid_chunked', 'softmax']",
+     ["config.loss='sigmod'", "is not one of ['multi_positive', 'sigmoid',",
       "Did you mean 'sigmoid'?"]),
     (TINY + ["--workdir", "W", "--config.lr=abc"], ["--config.lr=abc"]),
     (TINY + ["--workdirr", "W"], ["'workdirr'", "workdir"]),
