@@ -116,6 +116,18 @@ def tower_activation_bytes(tower: Tower, examples: int, dtype_bytes: int,
 
 # ---------------------------------------------------------------------- loss
 
+# The losses whose memory and communication this model counts (the paper
+# settings); the others (multi_positive, vse_*) have their own HLO tests in
+# tests/test_losses.py.
+MODELLED_LOSSES = ("softmax", "sigmoid", "sigmoid_chunked")
+
+
+def _check_modelled(loss: str) -> None:
+  if loss not in MODELLED_LOSSES:
+    raise ValueError(f"The scaling model counts the losses {MODELLED_LOSSES}"
+                     f", not {loss!r}.")
+
+
 def loss_temp_bytes(loss: str, n_global: int, embed_dim: int,
                     devices: int) -> int:
   """Per-device temporaries of the sharded loss's forward + backward.
@@ -128,6 +140,7 @@ def loss_temp_bytes(loss: str, n_global: int, embed_dim: int,
   arriving and their gradient). Counted from the compiled programs' buffer
   assignment (tests/test_scaling.py holds them to it).
   """
+  _check_modelled(loss)
   n = n_global // devices
   blocks = {"softmax": 2, "sigmoid": 3, "sigmoid_chunked": 4}[loss]
   blocks *= n * n * F32
@@ -146,6 +159,7 @@ def loss_collectives(loss: str, n_global: int, embed_dim: int,
   d - 1 hops forward, then in the backward the texts again (d - 1 hops) and
   their gradient (d - 1 hops, one behind, plus one hop home).
   """
+  _check_modelled(loss)
   n = n_global // devices
   full, block = n_global * embed_dim * F32, n * embed_dim * F32
   if loss == "sigmoid_chunked":

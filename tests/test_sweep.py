@@ -166,9 +166,9 @@ def test_bad_overrides_fail_before_anything_runs(tmp_path):
   config = write_sweep_config(tmp_path / "s.py", points=[{"lrr": 1.0}])
   with pytest.raises(sweep.SweepError, match="'lrr'.*Did you mean 'lr'"):
     sweep.check_overrides(config, sweep.load_sweep(config))
-  # logit_bias_init is None in the softmax recipe: flags cannot set it.
-  with pytest.raises(sweep.SweepError, match="is None"):
-    sweep.check_overrides(config, [{"model.logit_bias_init": -10.0}])
+  # logit_bias_init is a typed None (a placeholder) in the softmax recipe,
+  # so a sweep can set it like any key.
+  sweep.check_overrides(config, [{"model.logit_bias_init": -10.0}])
   with pytest.raises(sweep.SweepError, match="same name"):
     sweep.check_overrides(config, [{"lr": 1.0}, {"lr": 1.0}])
 
