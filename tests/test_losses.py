@@ -138,8 +138,17 @@ def _check(name, shape, a, b, s, bias, rtol=2e-5, keys=None, order=None):
                                err_msg=f"{name} {shape} d/d{what}")
 
 
-@pytest.mark.parametrize("shape", [None] + MESH_SHAPES)
-@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+# The paper losses on every mesh shape; the method losses (issue 13) on the
+# single-device, pure-data and mixed meshes (they share the paper losses'
+# sharding code: gathers, tiles, offsets).
+PAPER_LOSSES = ("softmax", "sigmoid", "sigmoid_chunked")
+LOSS_AND_SHAPE = (
+    [(name, shape) for name in PAPER_LOSSES for shape in [None] + MESH_SHAPES]
+    + [(name, shape) for name in sorted(set(losses.LOSSES) - set(PAPER_LOSSES))
+       for shape in (None, (8, 1), (2, 4))])
+
+
+@pytest.mark.parametrize("name, shape", LOSS_AND_SHAPE)
 def test_value_and_grads_match_numpy(name, shape):
   a, b = _embeddings()
   _check(name, shape, a, b, s=10.0, bias=-3.0)
@@ -159,7 +168,8 @@ def test_identical_pairs(name):
 
 @pytest.mark.parametrize("shape", [None, (4, 2)])
 @pytest.mark.parametrize("scale", [100.0, 1000.0])
-@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+@pytest.mark.parametrize(  # The VSE losses ignore the scale.
+    "name", sorted(set(losses.LOSSES) - set(losses.MARGIN_LOSSES)))
 def test_very_large_scale_is_finite_and_exact(name, scale, shape):
   a, b = _embeddings(seed=2)
   # float32 logits of size ~scale lose ~scale * 6e-8 absolutely.
