@@ -294,17 +294,18 @@ def test_exact_accumulation_equals_the_full_batch(teacher):
 
 
 def test_naive_accumulation_averages_the_micro_batches(teacher):
-  """Naive: each micro-batch (row r of every device's 4) its own loss,
-  teacher terms included, averaged: against the full-batch function run
-  on each micro-batch's rows as a batch of 8."""
+  """Naive: each micro-batch (rows 2r, 2r + 1 of every device's 4) its own
+  loss, teacher terms included, averaged: against the full-batch function
+  run on each micro-batch's rows as a batch of 16."""
   config = _student_config(teacher[0], feature_weight=2.0)
   batch = random_batch(config)
-  loss, grads, metrics = _loss_and_grads(config, teacher[0], 4, "naive")
+  loss, grads, metrics = _loss_and_grads(config, teacher[0], 2, "naive")
   rows = np.arange(32).reshape(8, 4)  # [device, row on the device]
   small = _student_config(teacher[0], feature_weight=2.0)
-  small.batch_size = 8
+  small.batch_size = 16
   parts = [_loss_and_grads(small, teacher[0], 1, batch={
-      k: v[rows[:, r]] for k, v in batch.items()}) for r in range(4)]
+      k: v[rows[:, 2 * r:2 * r + 2].reshape(-1)] for k, v in batch.items()})
+           for r in range(2)]
   np.testing.assert_allclose(loss, np.mean([p[0] for p in parts]),
                              rtol=1e-5)
   for name in metrics:
