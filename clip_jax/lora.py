@@ -141,19 +141,12 @@ def freeze_regex(lora_config) -> str:
 
 def _flat(tree) -> dict:
   from clip_jax import optim  # pylint: disable=g-import-not-at-top
-  return {optim.path_str(path): leaf for path, leaf in
-          jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return optim.flat_by_path(tree)
 
 
 def _nested(flat: dict) -> dict:
-  tree = {}
-  for path, leaf in flat.items():
-    *parents, name = path.split("/")
-    node = tree
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[name] = leaf
-  return tree
+  from clip_jax import optim  # pylint: disable=g-import-not-at-top
+  return optim.nested_by_path(flat)
 
 
 def dense_modules(params) -> list[str]:

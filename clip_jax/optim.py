@@ -87,6 +87,24 @@ def path_str(path) -> str:
   return "/".join(parts)
 
 
+def flat_by_path(tree) -> dict:
+  """{'a/b/c': leaf} of a nested param tree (path_str's names)."""
+  return {path_str(path): leaf for path, leaf in
+          jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def nested_by_path(flat: dict) -> dict:
+  """The inverse of flat_by_path: {'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
+  tree = {}
+  for path, leaf in flat.items():
+    *parents, name = path.split("/")
+    node = tree
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[name] = leaf
+  return tree
+
+
 def decay_mask(params, exclude_regex: str | None):
   """True where weight decay applies: >= 2 dims and not matched by regex."""
   pattern = re.compile(exclude_regex) if exclude_regex else None

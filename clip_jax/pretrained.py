@@ -53,33 +53,16 @@ def source_step(workdir: str, step: int | None) -> int:
   return step
 
 
-def _flat(tree) -> dict:
-  return {optim.path_str(path): leaf for path, leaf in
-          jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _nested(flat: dict) -> dict:
-  """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
-  tree = {}
-  for path, leaf in flat.items():
-    *parents, name = path.split("/")
-    node = tree
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[name] = leaf
-  return tree
-
-
 def included_paths(params, include: str) -> list[str]:
   """The '/'-joined paths of `params` that `include` fully matches."""
   pattern = re.compile(include)
-  paths = [p for p in _flat(params) if pattern.fullmatch(p)]
+  paths = [p for p in optim.flat_by_path(params) if pattern.fullmatch(p)]
   if not paths:
     raise ValueError(
         f"config.init.include={include!r} matches no parameter (it must "
         f"match whole '/'-joined paths such as "
-        f"{', '.join(list(_flat(params))[:3])}); e.g. 'img/.*' for the "
-        "image tower.")
+        f"{', '.join(list(optim.flat_by_path(params))[:3])}); e.g. "
+        "'img/.*' for the image tower.")
   return paths
 
 
@@ -94,9 +77,10 @@ def load_params(workdir: str, step: int | None, include: str, params,
   state_dir = os.path.join(os.path.abspath(os.path.expanduser(workdir)),
                            "checkpoints", str(step), "state")
   from etils import epath  # pylint: disable=g-import-not-at-top
-  stored = _flat(ocp.StandardCheckpointHandler().metadata(
+  stored = optim.flat_by_path(ocp.StandardCheckpointHandler().metadata(
       epath.Path(state_dir)).tree["params"])
-  wanted, target_shardings = _flat(params), _flat(shardings)
+  wanted = optim.flat_by_path(params)
+  target_shardings = optim.flat_by_path(shardings)
   paths = included_paths(params, include)
   for path in paths:
     if path not in stored:
@@ -112,7 +96,7 @@ def load_params(workdir: str, step: int | None, include: str, params,
           f"{tuple(wanted[path].shape)} in this run's model; make "
           "config.model match the source's, or exclude it from "
           "config.init.include.")
-  target = {"params": _nested({
+  target = {"params": optim.nested_by_path({
       p: jax.ShapeDtypeStruct(wanted[p].shape, wanted[p].dtype,
                               sharding=target_shardings[p]) for p in paths})}
   restore_args = jax.tree_util.tree_map(
@@ -122,7 +106,7 @@ def load_params(workdir: str, step: int | None, include: str, params,
     restored = checkpointer.restore(
         state_dir, args=ocp.args.PyTreeRestore(
             item=target, restore_args=restore_args, partial_restore=True))
-  return _flat(restored["params"])
+  return optim.flat_by_path(restored["params"])
 
 
 def init_params(params, init_config, shardings):
