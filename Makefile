@@ -6,6 +6,9 @@ NOTO_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 SYMBOLA_FONT := /usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf
 # 8 fake CPU devices, so multi-device code runs everywhere.
 FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
+# pytest workers (pytest-xdist); whole files go to one worker, the slow
+# ones first (tests/conftest.py), so module fixtures are built once.
+TEST_WORKERS ?= 2
 
 .PHONY: help install test demo bench bench-step bench-compare bench-loss bench-32k bench-memory bench-data bench-index data lint tensorboard clean
 
@@ -33,7 +36,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 test: install  ## Run the tests (CPU, 8 fake devices)
-	$(FAKE_DEVICES) $(PY) -m pytest -q tests
+	$(FAKE_DEVICES) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: install  ## Train configs/demo.py on the emoji data, print results
 	$(PY) -m clip_jax.demo --workdir runs/demo

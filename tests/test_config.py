@@ -197,7 +197,8 @@ _BAD_CONFIGS = [
 
 
 @pytest.mark.parametrize("key, value, fragments", _BAD_CONFIGS,
-                         ids=[f"{k}={v!r}"[:40] for k, v, _ in _BAD_CONFIGS])
+                         ids=[f"{k}={'<deleted>' if v is _DELETE else repr(v)}"[:40]
+                              for k, v, _ in _BAD_CONFIGS])
 def test_validate_names_the_key_the_value_and_what_is_allowed(
     key, value, fragments):
   config = _set(_tiny_config(), key, value)

@@ -3,8 +3,9 @@
 Before the loop shut its input pipeline down, 2 in 10 such runs aborted
 after the last step (status 134, "terminate called without an active
 exception"): the pipeline's prefetch thread was still producing batches
-while the interpreter shut down. 14 runs catch a failure rate of 20% with
-probability 1 - 0.8**14 = 96%.
+while the interpreter shut down. 8 runs catch a failure rate of 20% with
+probability 1 - 0.8**8 = 83%; test_training_leaves_no_thread_running
+checks the cause itself, deterministically.
 """
 
 import os
@@ -19,7 +20,7 @@ from PIL import Image
 from clip_jax.data import tokenizer as tokenizer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNS, AT_ONCE = 14, 2
+RUNS, AT_ONCE = 8, 2
 
 
 def make_folder(root, n=200):
