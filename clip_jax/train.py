@@ -262,6 +262,21 @@ def step_inputs(local_batch, config) -> dict:
   return inputs
 
 
+def keyless_warning(inputs, config) -> str | None:
+  """A warning when a keyed loss's batch has no key at all (every key -1:
+  e.g. config.loss_key='label' on image-text data without labels), where
+  the loss is plain softmax; None otherwise. The loop checks its first
+  batch."""
+  keys = inputs.get(train_state.LOSS_KEY)
+  if keys is None or np.any(np.asarray(keys) >= 0):
+    return None
+  return (f"warning: config.loss={config.loss!r} keys its positives by the "
+          f"batch field config.loss_key={config.loss_key!r}, which is -1 for "
+          f"every example of this process's first batch (the data has no "
+          "such field), so the loss is plain softmax. For image-text data "
+          "use config.loss_key='caption_hash'.")
+
+
 def _shut_down(data_iter, ckpt, *, raise_errors: bool) -> None:
   """Stops, in this order, the input pipeline's threads and worker
   processes, then orbax's last write and its threads: nothing may still
@@ -421,12 +436,16 @@ def _loop(config, workdir, ckpt, writer, data_iter, dataset_size, *, model,
     last_metrics.update(run_evals(0))
   stop = preemption_lib.StopRequest(ckpt.reached_preemption)
   window_start, window_steps = None, 0
+  first_step = step  # 0, or the step resumed from.
   with stop:
     while step < total_steps:
       local_batch = next(data_iter)
       counted_skips += int(np.sum(local_batch.pop("num_skipped", 0)))
-      batch = sharding_lib.host_to_global(step_inputs(local_batch, config),
-                                          mesh)
+      inputs = step_inputs(local_batch, config)
+      warning = keyless_warning(inputs, config) if step == first_step else None
+      if warning:
+        print(warning, flush=True)
+      batch = sharding_lib.host_to_global(inputs, mesh)
       state, metrics = step_fn(state, batch, *extra_inputs)
       step += 1
       window_steps += 1

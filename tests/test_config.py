@@ -196,9 +196,13 @@ _BAD_CONFIGS = [
 ]
 
 
+def _case_id(key, value) -> str:
+  """The same on every pytest-xdist worker (no object address)."""
+  return f"{key}={'<deleted>' if value is _DELETE else repr(value)}"[:40]
+
+
 @pytest.mark.parametrize("key, value, fragments", _BAD_CONFIGS,
-                         ids=[f"{k}={'<deleted>' if v is _DELETE else repr(v)}"[:40]
-                              for k, v, _ in _BAD_CONFIGS])
+                         ids=[_case_id(k, v) for k, v, _ in _BAD_CONFIGS])
 def test_validate_names_the_key_the_value_and_what_is_allowed(
     key, value, fragments):
   config = _set(_tiny_config(), key, value)

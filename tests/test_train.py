@@ -183,6 +183,25 @@ def test_step_inputs_carry_the_configured_loss_key():
                       config)
 
 
+def test_a_keyed_loss_without_any_key_is_reported():
+  """loss_key='label' on data without labels (every label -1) trains plain
+  softmax: the loop says so; one labelled row, or an unkeyed loss, is
+  silent."""
+  from clip_jax import train  # pylint: disable=g-import-not-at-top
+  config = tiny_config("multi_positive", "replicate")
+  batch = {"image": np.zeros((4, 2)), "text": np.zeros((4, 3), np.int32),
+           "label": np.full(4, -1), "caption_hash": np.arange(4)}
+  message = train.keyless_warning(train.step_inputs(batch, config), config)
+  assert "config.loss_key='label'" in message
+  assert "loss_key='caption_hash'" in message
+  batch["label"] = np.array([-1, -1, 2, -1])
+  assert train.keyless_warning(train.step_inputs(batch, config),
+                               config) is None
+  config.loss, batch["label"] = "softmax", np.full(4, -1)
+  assert train.keyless_warning(train.step_inputs(batch, config),
+                               config) is None
+
+
 @pytest.mark.parametrize("loss", ["vse_max", "vse_sum"])
 def test_vse_losses_leave_the_logit_scale_untouched(loss):
   """VSE++ uses raw cosines: the scale's gradient is exactly 0, so AdamW
