@@ -764,8 +764,17 @@ def hf_config_of(config) -> dict:
 
 def export_hf(workdir: str, out_dir: str, *, step: int | None = None) -> str:
   """Writes WORKDIR's checkpoint as a transformers CLIPModel directory."""
-  from clip_jax import api  # pylint: disable=g-import-not-at-top
+  from clip_jax import (
+    api,  # pylint: disable=g-import-not-at-top
+    lora,  # pylint: disable=g-import-not-at-top
+  )
   config = api.load_run_config(workdir)
+  if lora.enabled(config.get("lora")):  # CLIPModel has no adapters.
+    raise ValueError(
+        f"{workdir!r} is a LoRA run (config.lora): its adapters would be "
+        "left out of the export. Fold them in first: python -m "
+        f"clip_jax.lora merge --workdir {workdir} --out MERGED, then export "
+        "MERGED.")
   _check_exportable(config.model)
   hf_config = hf_config_of(config)
   _, params, _, _ = api.restore_params(config, workdir, step)

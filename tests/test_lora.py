@@ -13,7 +13,7 @@ import pytest
 from _train_worker import synthetic_stream
 from train_testing import random_batch, tiny_config, write_source
 
-from clip_jax import api, lora, losses, optim, train, train_state
+from clip_jax import api, convert, lora, losses, optim, train, train_state
 from clip_jax import config as config_lib
 from clip_jax import sharding as sharding_lib
 from clip_jax.models import two_towers
@@ -309,3 +309,5 @@ def test_configs_lora_fine_tunes_a_pretrained_workdir_then_merges(tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
   with pytest.raises(ValueError, match="not trained with LoRA"):
     lora.merge_workdir(str(merged), str(tmp_path / "again"))
+  with pytest.raises(ValueError, match="LoRA run.*clip_jax.lora merge"):
+    convert.export_hf(str(run), str(tmp_path / "hf"))  # Adapters lost.
