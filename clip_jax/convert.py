@@ -764,10 +764,7 @@ def hf_config_of(config) -> dict:
 
 def export_hf(workdir: str, out_dir: str, *, step: int | None = None) -> str:
   """Writes WORKDIR's checkpoint as a transformers CLIPModel directory."""
-  from clip_jax import (
-    api,  # pylint: disable=g-import-not-at-top
-    lora,  # pylint: disable=g-import-not-at-top
-  )
+  from clip_jax import api, lora  # pylint: disable=g-import-not-at-top
   config = api.load_run_config(workdir)
   if lora.enabled(config.get("lora")):  # CLIPModel has no adapters.
     raise ValueError(
