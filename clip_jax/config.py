@@ -657,12 +657,22 @@ def format_diff(diff: dict) -> str:
   return "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
 
 
+# Optional model keys the recipes set later, each at the value its absence
+# means in models/ (older runs' config.json lack them).
+OPTIONAL_MODEL_DEFAULTS = {"model.attention": "flax",
+                           "model.image.patch_embed": "conv",
+                           "model.text.embed_lookup": "gather",
+                           "model.logit_bias_init": None}
+
+
 def new_key_at_default(key: str, old, new) -> bool:
   """True if the stored config predates `key` (MISSING) and the new value
-  is base_config's default: the run trains as before (wd_convention,
-  added later, defaults to the behaviour older runs had)."""
-  return old == MISSING and to_flat_dict(base_config()).get(
-      key, MISSING) == new
+  is the default (base_config's, or OPTIONAL_MODEL_DEFAULTS'): the run
+  trains as before (wd_convention, added later, defaults to the behaviour
+  older runs had)."""
+  default = OPTIONAL_MODEL_DEFAULTS.get(
+      key, to_flat_dict(base_config()).get(key, MISSING))
+  return old == MISSING and new == default
 
 
 def resumable_key(key: str) -> bool:

@@ -72,10 +72,14 @@ def get_config(arg=None):
       remat=False,
       remat_policy="none",  # 'full' / 'dots_saveable': see two_towers.py.
       scan=False,
-      image=dict(variant=arg.model, image_size=224, pool="cls"),
+      # The performance levers at their defaults, so --config flags reach
+      # them (README "Performance"): fused_qkv / matmul / one_hot.
+      attention="flax",
+      image=dict(variant=arg.model, image_size=224, pool="cls",
+                 patch_embed="conv"),
       text=dict(variant=TEXT_FOR_IMAGE.get(arg.model, "base"),
                 vocab_size=49408, context_length=77, pool="eos",
-                causal=True, eos_id=1, pad_id=0),
+                causal=True, eos_id=1, pad_id=0, embed_lookup="gather"),
   ))
   if arg.loss in ("sigmoid", "sigmoid_chunked"):
     c.model.logit_scale_init = 10.0

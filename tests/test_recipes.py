@@ -153,6 +153,50 @@ def test_runs_from_before_wd_convention_resume_without_the_flag():
     resume(new)
 
 
+def test_runs_from_before_the_optional_model_keys_resume_without_the_flag():
+  """The recipes now define model.attention / image.patch_embed /
+  text.embed_lookup (so --config flags reach them) at the value their
+  absence meant: an older run's config without them resumes as is; a
+  lever actually switched still needs --allow_config_change."""
+  from clip_jax import train  # pylint: disable=g-import-not-at-top
+  new = recipe("clip.py", "tiny")
+  stored = recipe("clip.py", "tiny")
+  for key in ("attention", "image.patch_embed", "text.embed_lookup",
+              "logit_bias_init"):
+    node, name = stored.model, key
+    while "." in name:
+      head, name = name.split(".", 1)
+      node = node[head]
+    del node[name]
+
+  def resume(config):
+    return train.check_resume(config, stored, workdir="w", step=3,
+                              mismatches=[], allow_change=False,
+                              schedules=None)
+
+  assert "Resuming from checkpoint 3" in resume(new)
+  new.model.image.patch_embed = "matmul"
+  with pytest.raises(ValueError, match="model.image.patch_embed"):
+    resume(new)
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("model.attention", "fused_qkv"), ("model.image.patch_embed", "matmul"),
+    ("model.text.embed_lookup", "one_hot")])
+def test_the_performance_levers_are_recipe_keys(flag, value):
+  """config_flags only overrides keys the config has: the recipes define
+  the levers (at their defaults), so `--config.<flag>=<value>` works and
+  validates."""
+  c = recipe("clip.py", "tiny")
+  assert flag in config_lib.to_flat_dict(c)
+  *path, name = flag.split(".")
+  node = c
+  for head in path:
+    node = node[head]
+  node[name] = value  # What --config.<flag>=<value> does.
+  config_lib.validate(c, device_count=8)
+
+
 def test_align_recipe_values():
   """The values configs/align.py's docstring cites (Section 5 and HF)."""
   c = recipe("align.py")
