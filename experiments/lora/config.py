@@ -54,6 +54,8 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
+  """Seed-major: a sweep stopped part-way has every setting at the seeds
+  it finished."""
   del arg
   return [{"arg.rank": rank, "arg.lr": lr, "seed": seed}
-          for rank, lrs in SETTINGS for lr in lrs for seed in SEEDS]
+          for seed in SEEDS for rank, lrs in SETTINGS for lr in lrs]
