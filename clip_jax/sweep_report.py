@@ -11,12 +11,14 @@ last step that logged it in metrics.jsonl) and the results of its latest
 Writes OUT.md and prints it: one row per point (its overrides, the last
 step, the metrics matching --metrics), then, when the seed key varies, one
 row per setting of the other keys with mean ± standard deviation over the
-seeds (n in the last column). Writes OUT_<metric>.png: --metric (default:
+seeds of its finished points (n in the last column): a point still running,
+or stopped, has logged earlier figures (often the step-0 eval) that would
+bias a mean. Writes OUT_<metric>.png: --metric (default:
 the first metric column) against --x, a sweep key (default: the first
 varying key other than the seed key) or another metric (e.g. in-style vs
 out-of-style accuracy), one line per setting of the other varying keys
-(or of --lines KEYS), mean ± standard deviation over seeds as error
-bars.
+(or of --lines KEYS), mean ± standard deviation over the finished seeds
+as error bars.
 """
 
 from __future__ import annotations
@@ -159,12 +161,14 @@ def table(rows: list[dict], metrics: list[str], seed_key: str = "seed"
     summary = []
     for group in groups_over_seeds(rows, keys, seed_key).values():
       cells = [_fmt(group[0]["overrides"].get(k)) for k in others]
+      finished = [r for r in group if r["done"]]
       for m in metrics:
-        values = [r["metrics"][m] for r in group if m in r["metrics"]]
+        values = [r["metrics"][m] for r in finished if m in r["metrics"]]
         cells.append("—" if not values else
                      "{:.4g} ± {:.2g}".format(*mean_std(values)))
-      summary.append(cells + [str(len(group))])
-    text += (f"\n\nMean ± standard deviation over `{seed_key}`:\n\n"
+      summary.append(cells + [str(len(finished))])
+    text += (f"\n\nMean ± standard deviation over `{seed_key}`, finished "
+             "points only:\n\n"
              + _markdown(others + metrics + ["n"], summary))
   return text + "\n"
 
@@ -179,7 +183,7 @@ def plot_series(rows, metric: str, x_key: str, seed_key: str = "seed",
 
   x_key is a sweep key, or a metric (then x is that metric's mean over the
   seeds, x std its spread). Points: the settings of every varying key but
-  the seed, averaged over seeds. Lines: the settings of `lines` (default:
+  the seed, averaged over the seeds of finished points. Lines: the settings of `lines` (default:
   every varying key but x_key and the seed).
   """
   varying = varying_keys(rows)
@@ -190,7 +194,8 @@ def plot_series(rows, metric: str, x_key: str, seed_key: str = "seed",
   grouped = {}
   for row in rows:
     source = row["overrides"] if x_is_key else row["metrics"]
-    if metric not in row["metrics"] or x_key not in source:
+    if (not row["done"] or metric not in row["metrics"]
+        or x_key not in source):
       continue
     label = ", ".join(f"{k}={_fmt(row['overrides'].get(k))}" for k in lines)
     setting = json.dumps([row["overrides"].get(k) for k in setting_keys]

@@ -13,6 +13,7 @@ from clip_jax import sweep, sweep_report
 LOSSES = ("softmax", "sigmoid")
 BATCHES = (32, 128)
 SEEDS = (0, 1, 2)
+FINISHED = (0, 1)  # Seed 2's points have no DONE file: still running.
 
 
 def top1(loss, batch, seed):
@@ -41,7 +42,7 @@ def fabricate(root):
                             ("eval_20_2.json", batch / 1000)):
           with open(os.path.join(point_dir, name), "w") as f:
             json.dump({"step": 20, "results": {"x/top1": value}}, f)
-        if seed != 2:
+        if seed in FINISHED:
           open(os.path.join(point_dir, sweep.DONE_FILE), "w").close()
         points.append(overrides)
   return points
@@ -58,10 +59,12 @@ def test_collect_reads_final_metrics_and_latest_eval(tmp_path):
     assert row["metrics"]["eval/openmoji/top1"] == pytest.approx(
         top1(o["loss"], o["batch_size"], o["seed"]))
     assert row["metrics"]["evaluate/x/top1"] == o["batch_size"] / 1000
-    assert row["done"] == (o["seed"] != 2)
+    assert row["done"] == (o["seed"] in FINISHED)
 
 
 def test_table_and_plot_series_match_numpy(tmp_path):
+  """Every point in the table; the means and the plot over the finished
+  points only (seed 2's, unfinished, would shift them)."""
   fabricate(str(tmp_path))
   rows = sweep_report.collect(str(tmp_path))
   metric = "eval/openmoji/top1"
@@ -77,12 +80,12 @@ def test_table_and_plot_series_match_numpy(tmp_path):
     assert [p[0] for p in got] == list(BATCHES)
     for batch, (_, mean, std, n, x_std) in zip(BATCHES, got):
       assert x_std == 0
-      values = [top1(loss, batch, s) for s in SEEDS]
-      assert n == 3
+      values = [top1(loss, batch, s) for s in FINISHED]
+      assert n == 2
       np.testing.assert_allclose(mean, np.mean(values), rtol=1e-12)
       np.testing.assert_allclose(std, np.std(values, ddof=1), rtol=1e-12)
       row = (f"| {loss} | {batch} | {np.mean(values):.4g} ± "
-             f"{np.std(values, ddof=1):.2g} | 3 |")
+             f"{np.std(values, ddof=1):.2g} | 2 |")
       assert row in lines
 
 
@@ -98,9 +101,9 @@ def test_a_metric_on_the_x_axis_one_line_per_chosen_key(tmp_path):
     got = series[f"loss={loss}"]
     assert [p[0] for p in got] == [b / 1000 for b in BATCHES]
     for batch, point in zip(BATCHES, got):
-      values = [top1(loss, batch, s) for s in SEEDS]
+      values = [top1(loss, batch, s) for s in FINISHED]
       np.testing.assert_allclose(point[1], np.mean(values), rtol=1e-12)
-      assert point[3] == 3
+      assert point[3] == 2
 
 
 def test_report_main_writes_markdown_and_png(tmp_path, capsys):
