@@ -183,8 +183,8 @@ def plot_series(rows, metric: str, x_key: str, seed_key: str = "seed",
 
   x_key is a sweep key, or a metric (then x is that metric's mean over the
   seeds, x std its spread). Points: the settings of every varying key but
-  the seed, averaged over the seeds of finished points. Lines: the settings of `lines` (default:
-  every varying key but x_key and the seed).
+  the seed, averaged over the seeds of finished points. Lines: the
+  settings of `lines` (default: every varying key but x_key and the seed).
   """
   varying = varying_keys(rows)
   x_is_key = any(x_key in r["overrides"] for r in rows)
