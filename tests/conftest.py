@@ -7,8 +7,9 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # The files that take minutes, collected first. `make test` runs
-# `pytest -n 2 --dist loadfile`: each worker takes whole files in collection
-# order, so a long file started last would leave the other worker idle.
+# `pytest -n 2 --dist loadfile --no-loadscope-reorder`: each worker takes
+# whole files in collection order, so a long file started last would leave
+# the other worker idle (without the flag xdist orders files by test count).
 _SLOW_FILES_FIRST = ("test_preemption.py", "test_train_exit.py",
                      "test_accum.py", "test_multiprocess.py",
                      "test_train.py", "test_fast_paths.py",
