@@ -7,8 +7,7 @@ SYMBOLA_FONT := /usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf
 # 8 fake CPU devices, so multi-device code runs everywhere.
 FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
 # pytest workers (pytest-xdist); whole files go to one worker, so module
-# fixtures are built once, in collection order (the slow files first:
-# tests/conftest.py), not xdist's default of the files with most tests.
+# fixtures are built once.
 TEST_WORKERS ?= 2
 
 .PHONY: help install test demo bench bench-step bench-compare bench-loss bench-32k bench-memory bench-data bench-index data lint tensorboard clean
@@ -37,8 +36,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 test: install  ## Run the tests (CPU, 8 fake devices)
-	$(FAKE_DEVICES) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
-	  --no-loadscope-reorder tests
+	$(FAKE_DEVICES) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: install  ## Train configs/demo.py on the emoji data, print results
 	$(PY) -m clip_jax.demo --workdir runs/demo
