@@ -76,6 +76,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clip_jax import optim
+
 ADAPTER_NAMES = ("lora_a", "lora_b")
 # Module names whose kernel is not a Dense one (no adapter possible).
 NOT_DENSE = ("patch_embed",)
@@ -139,19 +141,9 @@ def freeze_regex(lora_config) -> str:
 # --- param trees -----------------------------------------------------------
 
 
-def _flat(tree) -> dict:
-  from clip_jax import optim  # pylint: disable=g-import-not-at-top
-  return optim.flat_by_path(tree)
-
-
-def _nested(flat: dict) -> dict:
-  from clip_jax import optim  # pylint: disable=g-import-not-at-top
-  return optim.nested_by_path(flat)
-
-
 def dense_modules(params) -> list[str]:
   """Module paths of every Dense kernel in `params` (adapter candidates)."""
-  return [p[:-len("/kernel")] for p in _flat(params)
+  return [p[:-len("/kernel")] for p in optim.flat_by_path(params)
           if p.endswith("/kernel")
           and p.split("/")[-2] not in NOT_DENSE]
 
@@ -201,7 +193,7 @@ def add_adapters(params, lora_config, rng):
   if not enabled(lora_config):
     return params
   rank = int(lora_config.rank)
-  flat = _flat(params)
+  flat = optim.flat_by_path(params)
   extra = lora_config.get("train")
   if extra and not any(re.fullmatch(extra, p) for p in flat):
     raise ValueError(
@@ -217,7 +209,7 @@ def add_adapters(params, lora_config, rng):
     flat[f"{module}/lora_a"] = jax.random.normal(
         jax.random.fold_in(rng, i), a_shape, jnp.float32) / math.sqrt(fan_in)
     flat[f"{module}/lora_b"] = jnp.zeros(b_shape, jnp.float32)
-  return _nested(flat)
+  return optim.nested_by_path(flat)
 
 
 def low_rank_product(lora_a, lora_b, kernel_ndim: int):
@@ -254,7 +246,8 @@ def merge_params(params, *, scale: float):
 
 
 def has_adapters(params) -> bool:
-  return any(p.rsplit("/", 1)[-1] in ADAPTER_NAMES for p in _flat(params))
+  return any(p.rsplit("/", 1)[-1] in ADAPTER_NAMES
+             for p in optim.flat_by_path(params))
 
 
 def _merge_variables(variables, *, scale: float):
@@ -296,7 +289,7 @@ def tree_size(tree) -> tuple[int, int]:
 def count(config) -> dict:
   """{'params', 'trained', 'opt_elements', 'opt_bytes'} of a config's
   model and optimiser, from the real param tree (no arrays allocated)."""
-  from clip_jax import optim, train_state  # pylint: disable=g-import-not-at-top
+  from clip_jax import train_state  # pylint: disable=g-import-not-at-top
   from clip_jax.models import two_towers  # pylint: disable=g-import-not-at-top
   model = two_towers.build_run_model(config)
   shapes = train_state.param_shapes(model, config)

@@ -153,6 +153,14 @@ def test_runs_from_before_wd_convention_resume_without_the_flag():
     resume(new)
 
 
+def _parent_and_name(config, dotted: str):
+  """('model.image.patch_embed') -> (config.model.image, 'patch_embed')."""
+  *parents, name = dotted.split(".")
+  for part in parents:
+    config = config[part]
+  return config, name
+
+
 def test_runs_from_before_the_optional_model_keys_resume_without_the_flag():
   """The recipes now define model.attention / image.patch_embed /
   text.embed_lookup (so --config flags reach them) at the value their
@@ -161,13 +169,10 @@ def test_runs_from_before_the_optional_model_keys_resume_without_the_flag():
   from clip_jax import train  # pylint: disable=g-import-not-at-top
   new = recipe("clip.py", "tiny")
   stored = recipe("clip.py", "tiny")
-  for key in ("attention", "image.patch_embed", "text.embed_lookup",
-              "logit_bias_init"):
-    node, name = stored.model, key
-    while "." in name:
-      head, name = name.split(".", 1)
-      node = node[head]
-    del node[name]
+  for key in ("model.attention", "model.image.patch_embed",
+              "model.text.embed_lookup", "model.logit_bias_init"):
+    parent, name = _parent_and_name(stored, key)
+    del parent[name]
 
   def resume(config):
     return train.check_resume(config, stored, workdir="w", step=3,
@@ -189,11 +194,8 @@ def test_the_performance_levers_are_recipe_keys(flag, value):
   validates."""
   c = recipe("clip.py", "tiny")
   assert flag in config_lib.to_flat_dict(c)
-  *path, name = flag.split(".")
-  node = c
-  for head in path:
-    node = node[head]
-  node[name] = value  # What --config.<flag>=<value> does.
+  parent, name = _parent_and_name(c, flag)
+  parent[name] = value  # What --config.<flag>=<value> does.
   config_lib.validate(c, device_count=8)
 
 
