@@ -9,7 +9,9 @@ teacher_workdir None = off, and the step is the plain contrastive one):
                         this run's sharding_rules; they are frozen, passed
                         to the jitted step as an argument (not in the train
                         state, not checkpointed: read again on resume).
-  teacher_step          its checkpoint; None = the latest.
+  teacher_step          its checkpoint; None = the latest at the run's
+                        first start, recorded in its config.json so that
+                        resumes read the same one (pin_teacher_step).
   feature_weight        weight of the feature term (0 = off).
   feature_loss          'cosine': mean over examples of 1 - cos(s, t);
                         'l2': mean over examples of ||s - t||^2 (summed over
@@ -90,6 +92,31 @@ def enabled(config) -> bool:
 
 def _workdir(config) -> str:
   return os.path.abspath(os.path.expanduser(config.distill.teacher_workdir))
+
+
+def pin_teacher_step(config, stored):
+  """`config` with distill.teacher_step made concrete, so that every
+  segment of a run distils from one teacher checkpoint even while the
+  teacher's workdir gains new ones (a teacher still training).
+
+  `stored`: the run's saved config (None for a new run). A resume keeps
+  the step its saved config recorded for the same teacher workdir; a new
+  run (or a changed teacher) takes the teacher's latest checkpoint,
+  process 0's listing (pretrained.source_step). An explicit
+  teacher_step is kept as given.
+  """
+  if not enabled(config) or config.distill.get("teacher_step") is not None:
+    return config
+  from clip_jax import pretrained  # pylint: disable=g-import-not-at-top
+  recorded = ((stored or {}).get("distill") or {})
+  if (recorded.get("teacher_workdir") == config.distill.teacher_workdir
+      and "teacher_step" in recorded):
+    step = recorded["teacher_step"]  # None only for runs saved before this.
+  else:
+    step = pretrained.source_step(_workdir(config), None)
+  pinned = config.copy_and_resolve_references()
+  pinned.distill.teacher_step = step
+  return pinned
 
 
 def teacher_config(config):

@@ -309,11 +309,14 @@ def _train(config, workdir, ckpt, data_iter, dataset_size, *, is_main,
 
   # Every check of a resume comes before anything is written.
   latest = ckpt.latest_step()
+  stored = None
   if latest is not None:
     try:
       stored = config_lib.load(workdir)
     except FileNotFoundError:
-      stored = None
+      pass
+  config = distill.pin_teacher_step(config, stored)
+  if latest is not None:
     message = check_resume(
         config, stored, workdir=workdir, step=latest,
         mismatches=ckpt.state_mismatches(latest, shapes),

@@ -7,6 +7,7 @@ workdir made here; config errors naming the mismatch."""
 import functools
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -319,9 +320,12 @@ def test_naive_accumulation_averages_the_micro_batches(teacher):
 @pytest.mark.slow  # Two short train runs (~1-2 min on a shared CPU).
 def test_train_run_distils_and_resumes(teacher, tmp_path, capsys):
   """A short run: the terms are logged, the projection is trained and
-  checkpointed (the teacher is not), a resume reads the teacher again."""
+  checkpointed (the teacher is not), a resume reads the teacher again,
+  at the checkpoint the first segment pinned."""
+  teacher_workdir = str(tmp_path / "teacher")  # Gains a checkpoint below.
+  shutil.copytree(teacher[0], teacher_workdir)
   workdir = str(tmp_path / "student")
-  config = _student_config(teacher[0], feature_loss="l2",
+  config = _student_config(teacher_workdir, feature_loss="l2",
                            relation_temperature=0.1)
   config.total_steps, config.log_every_steps = 3, 1
   config.checkpoint_every_steps = 100
@@ -345,6 +349,12 @@ def test_train_run_distils_and_resumes(teacher, tmp_path, capsys):
   # clip_jax.load and evaluate), projection included.
   restored = api.restore_params(config_lib.load(workdir), workdir, None)[1]
   assert restored["distill"]["img_proj"]["kernel"].shape == (16, 32)
+  assert config_lib.load(workdir).distill.teacher_step == 4
+  assert config.distill.teacher_step is None  # The caller's is not changed.
+  # The teacher trains on: a newer checkpoint must not change the teacher
+  # of a run that resumes.
+  shutil.copytree(os.path.join(teacher_workdir, "checkpoints", "4"),
+                  os.path.join(teacher_workdir, "checkpoints", "9"))
   config.total_steps = 4
   resumed = train.train(config, workdir,
                         data=(synthetic_stream(config, 0, 1), None),
@@ -352,7 +362,8 @@ def test_train_run_distils_and_resumes(teacher, tmp_path, capsys):
   assert resumed.step == 4 and "distill/relation" in resumed.metrics
   # Read at both starts (it is not in the checkpoint).
   assert capsys.readouterr().out.count(
-      f"Distilling from the teacher {teacher[0]} (checkpoint 4") == 2
+      f"Distilling from the teacher {teacher_workdir} (checkpoint 4") == 2
+  assert config_lib.load(workdir).distill.teacher_step == 4
 
 
 # ------------------------------------------------------ config errors ----
