@@ -106,9 +106,20 @@ def varying_keys(rows: list[dict]) -> list[str]:
                   for r in rows}) > 1]
 
 
-def metric_columns(rows: list[dict], patterns: str) -> list[str]:
+def metric_columns(rows: list[dict], patterns: str,
+                   strict: bool = True) -> list[str]:
+  """The metric names matching `patterns`, in pattern order. `strict`: a
+  pattern that matches nothing, once some point has metrics, is an error
+  naming the metrics there are (a typo would otherwise drop a column
+  silently)."""
   wanted = [p for p in patterns.split(",") if p]
   names = sorted({k for r in rows for k in r["metrics"] if k != "step"})
+  unmatched = [p for p in wanted
+               if strict and names and not fnmatch.filter(names, p)]
+  if unmatched:
+    raise ValueError(
+        f"--metrics pattern(s) {unmatched} match no metric of this sweep; "
+        f"its metrics are {names}.")
   return [n for p in wanted for n in names if fnmatch.fnmatchcase(n, p)]
 
 
@@ -254,8 +265,9 @@ def main(argv) -> int:
   parser = argparse.ArgumentParser(prog="python -m clip_jax.sweep report",
                                    description=__doc__.split("\n")[0])
   parser.add_argument("workdir")
-  parser.add_argument("--metrics", default=DEFAULT_METRICS,
-                      help="comma-separated shell patterns of metric names")
+  parser.add_argument("--metrics", default=None,
+                      help="comma-separated shell patterns of metric names "
+                      f"(default {DEFAULT_METRICS!r}); each must match one")
   parser.add_argument("--metric", default=None, help="the plotted metric")
   parser.add_argument("--x", default=None, help="the sweep key on the x axis")
   parser.add_argument("--seed_key", default="seed")
@@ -268,13 +280,17 @@ def main(argv) -> int:
                       "(default WORKDIR/report)")
   args = parser.parse_args(argv)
   rows = collect(args.workdir)
-  metrics = metric_columns(rows, args.metrics)
+  metrics = metric_columns(rows, args.metrics or DEFAULT_METRICS,
+                           strict=args.metrics is not None)
   out = args.out or os.path.join(args.workdir, "report")
   text = table(rows, metrics, args.seed_key)
   with open(out + ".md", "w") as f:
     f.write(text)
   print(text, end="")
   metric = args.metric or (metrics[0] if metrics else None)
+  if args.metric and args.metric not in metrics:
+    raise ValueError(f"--metric {args.metric!r} is not a column of the "
+                     f"table; choose one of {metrics} (or widen --metrics).")
   keys = [k for k in varying_keys(rows) if k != args.seed_key]
   x_key = args.x or (keys[0] if keys else None)
   if metric is None or x_key is None:

@@ -119,6 +119,19 @@ def test_report_main_writes_markdown_and_png(tmp_path, capsys):
     sweep.main(["report", str(tmp_path), "--x", "lr"])
 
 
+def test_report_names_a_metric_pattern_that_matches_nothing(tmp_path):
+  fabricate(str(tmp_path))
+  # The retrieval keys are eval/retrieval/i2t/r@1: '/r1' is a typo.
+  with pytest.raises(ValueError) as error:
+    sweep.main(["report", str(tmp_path), "--metrics",
+                "eval/*/top1,eval/retrieval/r1"])
+  assert "['eval/retrieval/r1']" in str(error.value)
+  assert "eval/openmoji/top1" in str(error.value)  # What there is.
+  with pytest.raises(ValueError, match="'loss' is not a column"):
+    sweep.main(["report", str(tmp_path), "--metrics", "eval/*",
+                "--metric", "loss"])
+
+
 def test_report_of_a_folder_without_a_sweep(tmp_path):
   with pytest.raises(ValueError, match="holds no sweep"):
     sweep_report.collect(str(tmp_path))
