@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from train_testing import write_source
 
 from clip_jax import config as config_lib
 from clip_jax import losses, slip, train, train_state
@@ -276,6 +277,30 @@ def test_training_with_slip_logs_both_terms(tmp_path):
   with open(tmp_path / "metrics.jsonl") as f:
     logged = [json.loads(line) for line in f]
   assert any("slip/ssl_loss" in row for row in logged)
+
+
+@pytest.mark.slow  # A teacher checkpoint and a 2-step run (~1 min).
+def test_training_with_slip_and_distillation_adds_every_term(tmp_path):
+  """Both extra terms in one run (train.py joins them with
+  combine_extra_losses, one step input per term): each is logged and the
+  loss is their sum with the contrastive term."""
+  teacher_workdir = tmp_path / "teacher"
+  teacher_config = tiny(0.0)  # The student's inputs: same data keys.
+  write_source(teacher_workdir, teacher_config, {4: 21},
+               sharding_lib.make_mesh(teacher_config.mesh))
+  config = tiny(0.5)
+  config.distill.update(teacher_workdir=str(teacher_workdir),
+                        feature_weight=2.0, relation_weight=3.0)
+  config.total_steps, config.warmup_steps, config.log_every_steps = 2, 1, 1
+  config.data.prefetch = 0
+  metrics = train.train(config, str(tmp_path / "run")).metrics
+  terms = ("contrastive_loss", "slip/ssl_loss", "distill/feature",
+           "distill/relation")
+  assert all(np.isfinite(metrics[k]) and metrics[k] > 0 for k in terms)
+  np.testing.assert_allclose(
+      metrics["loss"], metrics["contrastive_loss"]
+      + 0.5 * metrics["slip/ssl_loss"] + 2.0 * metrics["distill/feature"]
+      + 3.0 * metrics["distill/relation"], rtol=1e-5)
 
 
 def test_runs_from_before_the_new_keys_resume_without_the_flag():
