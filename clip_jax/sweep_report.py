@@ -282,15 +282,15 @@ def main(argv) -> int:
   rows = collect(args.workdir)
   metrics = metric_columns(rows, args.metrics or DEFAULT_METRICS,
                            strict=args.metrics is not None)
+  if args.metric and args.metric not in metrics:  # Before writing anything.
+    raise ValueError(f"--metric {args.metric!r} is not a column of the "
+                     f"table; choose one of {metrics} (or widen --metrics).")
   out = args.out or os.path.join(args.workdir, "report")
   text = table(rows, metrics, args.seed_key)
   with open(out + ".md", "w") as f:
     f.write(text)
   print(text, end="")
   metric = args.metric or (metrics[0] if metrics else None)
-  if args.metric and args.metric not in metrics:
-    raise ValueError(f"--metric {args.metric!r} is not a column of the "
-                     f"table; choose one of {metrics} (or widen --metrics).")
   keys = [k for k in varying_keys(rows) if k != args.seed_key]
   x_key = args.x or (keys[0] if keys else None)
   if metric is None or x_key is None:

@@ -130,6 +130,7 @@ def test_report_names_a_metric_pattern_that_matches_nothing(tmp_path):
   with pytest.raises(ValueError, match="'loss' is not a column"):
     sweep.main(["report", str(tmp_path), "--metrics", "eval/*",
                 "--metric", "loss"])
+  assert not (tmp_path / "report.md").exists()  # Refused before writing.
 
 
 def test_report_of_a_folder_without_a_sweep(tmp_path):
