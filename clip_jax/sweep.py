@@ -443,9 +443,22 @@ class Sweep:
         signal.signal(s, handler)
     return self.summarise(codes, left=len(queue))
 
+  def was_stopped(self, code: int) -> bool:
+    """Whether a point's exit status means the sweep's stop signal ended it.
+
+    A point checkpoints and exits 75; one that got the signal before its
+    trainer installed the handler dies of it (-SIGTERM / -SIGINT), keeping
+    its earlier checkpoints: stopped too, not failed. The same death with
+    no stop signal sent is a failure.
+    """
+    killed_by_stop = (self.stop_signal is not None
+                      and code in (-signal.SIGTERM, -signal.SIGINT))
+    return code == EXIT_RESUMABLE or killed_by_stop
+
   def summarise(self, codes: dict, left: int) -> int:
-    failed = {n: c for n, c in codes.items() if c not in (0, EXIT_RESUMABLE)}
-    stopped = [n for n, c in codes.items() if c == EXIT_RESUMABLE]
+    stopped = [n for n, c in codes.items() if self.was_stopped(c)]
+    failed = {n: c for n, c in codes.items()
+              if c != 0 and not self.was_stopped(c)}
     done = sum(self.is_done(p) for p in self.points)
     self.say(f"{done}/{len(self.points)} points complete; {len(stopped)} "
              f"stopped early, {len(failed)} failed, {left} not started.")

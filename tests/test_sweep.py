@@ -242,6 +242,18 @@ def test_failed_point_sets_the_exit_status(tmp_path):
   assert fake_sweep(tmp_path, [a, b], {sweep.point_name(a): 1}).run() == 1
 
 
+def test_a_point_killed_by_the_sweeps_own_stop_signal_is_stopped(tmp_path):
+  """-SIGTERM (the signal came before the trainer's handler) counts as
+  stopped early when the sweep passed the signal on, as a failure if not."""
+  a, b = {"lr": 1e-3}, {"lr": 2e-3}
+  s = fake_sweep(tmp_path, [a, b], {})
+  codes = {sweep.point_name(a): -signal.SIGTERM}
+  assert s.summarise(codes, left=1) == 1  # Nobody asked it to stop.
+  s.stop_signal = "SIGTERM"
+  assert s.summarise(codes, left=1) == sweep.EXIT_RESUMABLE
+  assert s.summarise({sweep.point_name(a): -signal.SIGKILL}, left=1) == 1
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
 def test_parallel_points_are_pinned_to_disjoint_cpus(tmp_path):
   points = [{"lr": 1e-3}, {"lr": 2e-3}, {"lr": 3e-3}, {"lr": 4e-3}]
