@@ -113,7 +113,8 @@ def pin_teacher_step(config, stored):
       and "teacher_step" in recorded):
     step = recorded["teacher_step"]  # None only for runs saved before this.
   else:
-    step = pretrained.source_step(_workdir(config), None)
+    step = pretrained.source_step(_workdir(config), None,
+                                  key="config.distill.teacher_")
   pinned = config.copy_and_resolve_references()
   pinned.distill.teacher_step = step
   return pinned
@@ -348,7 +349,8 @@ def load_teacher(config, mesh) -> Teacher:
       model, teacher, jax.random.key(0)))
   shardings = sharding_lib.tree_shardings(shapes, mesh,
                                           config.sharding_rules)
-  step = pretrained.source_step(workdir, config.distill.get("teacher_step"))
+  step = pretrained.source_step(workdir, config.distill.get("teacher_step"),
+                                key="config.distill.teacher_")
   loaded = pretrained.load_params(workdir, step, ".*", shapes, shardings)
   params = jax.tree_util.tree_map_with_path(
       lambda path, _: loaded[optim.path_str(path)], shapes)

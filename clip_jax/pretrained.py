@@ -29,8 +29,13 @@ from jax.experimental import multihost_utils
 from clip_jax import optim
 
 
-def source_step(workdir: str, step: int | None) -> int:
-  """The checkpoint step of `workdir` to read: `step`, or the latest."""
+def source_step(workdir: str, step: int | None,
+                key: str = "config.init.") -> int:
+  """The checkpoint step of `workdir` to read: `step`, or the latest.
+
+  `key`: the prefix of the config keys the errors name (`{key}workdir`,
+  `{key}step`).
+  """
   directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)),
                            "checkpoints")
   steps = sorted(int(n) for n in (os.listdir(directory)
@@ -38,7 +43,7 @@ def source_step(workdir: str, step: int | None) -> int:
                  if n.isdigit())
   if not steps:
     raise ValueError(
-        f"config.init.workdir={workdir!r} has no checkpoint in {directory}; "
+        f"{key}workdir={workdir!r} has no checkpoint in {directory}; "
         "give a clip_jax workdir with a finished checkpoint (a trained run "
         "or `python -m clip_jax.convert`'s output).")
   if step is None:
@@ -48,7 +53,7 @@ def source_step(workdir: str, step: int | None) -> int:
       return steps[-1]
     return int(multihost_utils.broadcast_one_to_all(np.int64(steps[-1])))
   if step not in steps:
-    raise ValueError(f"config.init.step={step} is not a checkpoint of "
+    raise ValueError(f"{key}step={step} is not a checkpoint of "
                      f"{directory}; it has steps {steps}.")
   return step
 

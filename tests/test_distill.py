@@ -429,3 +429,6 @@ def test_teacher_workdir_without_config_or_checkpoint(tmp_path):
   config_lib.save(_teacher_config(), str(tmp_path))
   with pytest.raises(ValueError, match="has no checkpoint in"):
     config_lib.validate(config, device_count=8)
+  # Pinning the teacher's step names the distill key, not config.init's.
+  with pytest.raises(ValueError, match=r"^config\.distill\.teacher_workdir="):
+    distill.pin_teacher_step(config, None)
