@@ -52,6 +52,23 @@ def test_slip_sweep_compares_clip_with_clip_plus_slip():
     assert (config.total_steps, config.batch_size) == (2400, 256)
 
 
+def test_lora_memory_script_builds_valid_full_and_lora_configs():
+  """experiments/lora/memory.py's configs: valid, the shapes it names, and
+  LoRA on only where its rank says."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(ROOT, "experiments", "lora", "memory.py")
+  spec = importlib.util.spec_from_file_location("lora_memory", path)
+  memory = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(memory)
+  for name, variant, batch in memory.SHAPES:
+    for rank in memory.RANKS:
+      config = memory.step_config(variant, batch, rank)
+      config_lib.validate(config, device_count=1)
+      assert config.batch_size == batch
+      assert (config.lora.get("targets") is not None) == (rank > 0)
+      assert config.model.image.image_size == (224 if variant else 12), name
+
+
 def with_stand_in_teacher(config, tmp_path):
   """A distilled point's teacher (the demo model, trained beforehand) as
   a workdir holding the demo's config.json and an empty checkpoint 1:

@@ -14,6 +14,7 @@ warm-up (noisy on a shared CPU; shown, not compared).
 
 import argparse
 import json
+import os
 
 from clip_jax import bench
 from clip_jax import config as config_lib
@@ -21,12 +22,16 @@ from clip_jax import config as config_lib
 # (name, configs/clip.py model variant or None for the demo's, batch).
 SHAPES = (("demo", None, 256), ("ViT-B/16", "B/16", 8))
 RANKS = (0, 8)
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                       "configs")
 
 
 def step_config(variant, batch: int, rank: int):
-  config = config_lib.load_config_file("configs/lora.py", f"rank={rank}")
+  config = config_lib.load_config_file(os.path.join(CONFIGS, "lora.py"),
+                                       f"rank={rank}")
   if variant is not None:
-    clip = config_lib.load_config_file("configs/clip.py", f"model={variant}")
+    clip = config_lib.load_config_file(os.path.join(CONFIGS, "clip.py"),
+                                       f"model={variant}")
     config.model, config.data = clip.model, clip.data
   config.batch_size = batch
   config.mesh.data, config.mesh.fsdp = -1, 1
