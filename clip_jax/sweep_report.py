@@ -18,7 +18,10 @@ the first metric column) against --x, a sweep key (default: the first
 varying key other than the seed key) or another metric (e.g. in-style vs
 out-of-style accuracy), one line per setting of the other varying keys
 (or of --lines KEYS), mean ± standard deviation over the finished seeds
-as error bars.
+as error bars. A --metric with one '*' (e.g. 'eval/openmoji/*/top1', the
+prompt sets of one eval) plots a family of metrics instead: x is the part
+the '*' stands for (one path segment), one line per setting of the sweep
+keys.
 """
 
 from __future__ import annotations
@@ -231,6 +234,21 @@ def plot_series(rows, metric: str, x_key: str, seed_key: str = "seed",
   return series
 
 
+def family_rows(rows: list[dict], pattern: str, x_key: str) -> list[dict]:
+  """Rows with one metric `pattern` each, one row per metric of the family
+  `pattern` (one '*': one path segment), whose name part is `x_key`."""
+  prefix, _, suffix = pattern.partition("*")
+  family = []
+  for row in rows:
+    for name, value in row["metrics"].items():
+      part = name[len(prefix):len(name) - len(suffix)]
+      if (name.startswith(prefix) and name.endswith(suffix) and part
+          and "/" not in part and len(name) >= len(prefix) + len(suffix)):
+        family.append({**row, "overrides": {**row["overrides"], x_key: part},
+                       "metrics": {pattern: value}})
+  return family
+
+
 def write_plot(series: dict, path: str, *, metric: str, x_key: str,
                x_is_key: bool = True) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -282,7 +300,12 @@ def main(argv) -> int:
   rows = collect(args.workdir)
   metrics = metric_columns(rows, args.metrics or DEFAULT_METRICS,
                            strict=args.metrics is not None)
-  if args.metric and args.metric not in metrics:  # Before writing anything.
+  family = args.metric is not None and "*" in args.metric
+  if family and (args.metric.count("*") > 1 or args.x):
+    raise ValueError(f"--metric {args.metric!r} is a family of metrics: one "
+                     "'*', which is the x axis (no --x).")
+  if args.metric and not fnmatch.filter(metrics, args.metric):
+    # Before writing anything.
     raise ValueError(f"--metric {args.metric!r} is not a column of the "
                      f"table; choose one of {metrics} (or widen --metrics).")
   out = args.out or os.path.join(args.workdir, "report")
@@ -291,8 +314,10 @@ def main(argv) -> int:
     f.write(text)
   print(text, end="")
   metric = args.metric or (metrics[0] if metrics else None)
+  if family:  # x: the part of each metric's name the '*' stands for.
+    rows = family_rows(rows, metric, "*")
   keys = [k for k in varying_keys(rows) if k != args.seed_key]
-  x_key = args.x or (keys[0] if keys else None)
+  x_key = "*" if family else args.x or (keys[0] if keys else None)
   if metric is None or x_key is None:
     print("(no plot: no metric or no varying sweep key)")
     return 0

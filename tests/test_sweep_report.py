@@ -119,6 +119,40 @@ def test_report_main_writes_markdown_and_png(tmp_path, capsys):
     sweep.main(["report", str(tmp_path), "--x", "lr"])
 
 
+def test_a_family_of_metrics_on_the_x_axis(tmp_path):
+  """--metric 'eval/openmoji/*/top1': x = each prompt set's name, a line
+  per loss x batch setting, means over the finished seeds (NumPy)."""
+  fabricate(str(tmp_path))
+  offsets = {"bare": 0.0, "photo": 0.05}
+  for point_dir in tmp_path.iterdir():
+    overrides = json.loads((point_dir / sweep.POINT_FILE).read_text())
+    line = {"step": 20}
+    for prompts, offset in offsets.items():
+      line[f"eval/openmoji/{prompts}/top1"] = offset + top1(
+          overrides["loss"], overrides["batch_size"], overrides["seed"])
+    line["eval/openmoji/deeper/set/top1"] = 9.0  # Two segments: not one.
+    with open(point_dir / "metrics.jsonl", "a") as f:
+      f.write(json.dumps(line) + "\n")
+  rows = sweep_report.collect(str(tmp_path))
+  family = sweep_report.family_rows(rows, "eval/openmoji/*/top1", "*")
+  series = sweep_report.plot_series(family, "eval/openmoji/*/top1", "*")
+  assert len(series) == len(LOSSES) * len(BATCHES)
+  for loss in LOSSES:
+    for batch in BATCHES:
+      got = series[f"loss={loss}, batch_size={batch}"]
+      assert [p[0] for p in got] == sorted(offsets)
+      for prompts, point in zip(sorted(offsets), got):
+        values = [top1(loss, batch, s) + offsets[prompts] for s in FINISHED]
+        np.testing.assert_allclose(point[1], np.mean(values), rtol=1e-12)
+        assert point[3] == len(FINISHED)
+  assert sweep.main(["report", str(tmp_path), "--metrics", "eval/*",
+                     "--metric", "eval/openmoji/*/top1"]) == 0
+  assert (tmp_path / "report_eval_openmoji_top1.png").exists()
+  with pytest.raises(ValueError, match="one '\\*', which is the x axis"):
+    sweep.main(["report", str(tmp_path), "--metrics", "eval/*", "--metric",
+                "eval/openmoji/*/top1", "--x", "loss"])
+
+
 def test_report_names_a_metric_pattern_that_matches_nothing(tmp_path):
   fabricate(str(tmp_path))
   # The retrieval keys are eval/retrieval/i2t/r@1: '/r1' is a typo.
