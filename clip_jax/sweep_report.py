@@ -327,7 +327,7 @@ def main(argv) -> int:
                      f"nor a metric; choose one of {varying_keys(rows)} "
                      "or a metric name of the table.")
   lines = args.lines.split(",") if args.lines else None
-  safe = re.sub(r"[^A-Za-z0-9._-]+", "_", metric)
+  safe = re.sub(r"[^A-Za-z0-9._-]+", "_", metric.replace("*", "each"))
   path = f"{out}_{safe}.png"
   write_plot(plot_series(rows, metric, x_key, args.seed_key, lines), path,
              metric=metric, x_key=x_key, x_is_key=x_is_key)

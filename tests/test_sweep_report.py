@@ -147,7 +147,7 @@ def test_a_family_of_metrics_on_the_x_axis(tmp_path):
         assert point[3] == len(FINISHED)
   assert sweep.main(["report", str(tmp_path), "--metrics", "eval/*",
                      "--metric", "eval/openmoji/*/top1"]) == 0
-  assert (tmp_path / "report_eval_openmoji_top1.png").exists()
+  assert (tmp_path / "report_eval_openmoji_each_top1.png").exists()
   with pytest.raises(ValueError, match="one '\\*', which is the x axis"):
     sweep.main(["report", str(tmp_path), "--metrics", "eval/*", "--metric",
                 "eval/openmoji/*/top1", "--x", "loss"])
