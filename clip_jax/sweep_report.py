@@ -321,7 +321,7 @@ def main(argv) -> int:
   if metric is None or x_key is None:
     print("(no plot: no metric or no varying sweep key)")
     return 0
-  x_is_key = x_key in varying_keys(rows)
+  x_is_key = family or x_key in varying_keys(rows)
   if not x_is_key and not any(x_key in r["metrics"] for r in rows):
     raise ValueError(f"--x {x_key!r} is not a varying key of this sweep "
                      f"nor a metric; choose one of {varying_keys(rows)} "
