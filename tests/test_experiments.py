@@ -56,6 +56,10 @@ def test_lora_memory_script_builds_valid_full_and_lora_configs():
   """experiments/lora/memory.py's configs: valid, the shapes it names, and
   LoRA on only where its rank says."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+
+  # Beside clip_jax.train, as in a test worker: its absl flags must not
+  # clash with what the script imports.
+  from clip_jax import train  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   path = os.path.join(ROOT, "experiments", "lora", "memory.py")
   spec = importlib.util.spec_from_file_location("lora_memory", path)
   memory = importlib.util.module_from_spec(spec)

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 
-from clip_jax import bench
 from clip_jax import config as config_lib
 
 # (name, configs/clip.py model variant or None for the demo's, batch).
@@ -39,6 +38,9 @@ def step_config(variant, batch: int, rank: int):
 
 
 def main():
+  # Here, not at the top: clip_jax.bench defines absl flags (--config ...)
+  # that clash with clip_jax.train's in a process importing both (tests).
+  from clip_jax import bench  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="runs/lora_memory.json")
   args = parser.parse_args()
