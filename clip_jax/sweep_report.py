@@ -234,19 +234,22 @@ def plot_series(rows, metric: str, x_key: str, seed_key: str = "seed",
   return series
 
 
-def family_rows(rows: list[dict], pattern: str, x_key: str) -> list[dict]:
-  """Rows with one metric `pattern` each, one row per metric of the family
-  `pattern` (one '*': one path segment), whose name part is `x_key`."""
+def family_member(pattern: str, name: str) -> str | None:
+  """The part of metric `name` that the one '*' of `pattern` stands for
+  (one path segment), or None if `name` is not of the family."""
   prefix, _, suffix = pattern.partition("*")
-  family = []
-  for row in rows:
-    for name, value in row["metrics"].items():
-      part = name[len(prefix):len(name) - len(suffix)]
-      if (name.startswith(prefix) and name.endswith(suffix) and part
-          and "/" not in part and len(name) >= len(prefix) + len(suffix)):
-        family.append({**row, "overrides": {**row["overrides"], x_key: part},
-                       "metrics": {pattern: value}})
-  return family
+  match = re.fullmatch(re.escape(prefix) + "([^/]+)" + re.escape(suffix),
+                       name)
+  return match and match.group(1)
+
+
+def family_rows(rows: list[dict], pattern: str, x_key: str) -> list[dict]:
+  """One row per metric of the family `pattern` in each row: its metric
+  renamed `pattern`, its member part under `x_key` in the overrides."""
+  return [{**row, "overrides": {**row["overrides"], x_key: part},
+           "metrics": {pattern: value}}
+          for row in rows for name, value in row["metrics"].items()
+          if (part := family_member(pattern, name))]
 
 
 def write_plot(series: dict, path: str, *, metric: str, x_key: str,
@@ -304,10 +307,13 @@ def main(argv) -> int:
   if family and (args.metric.count("*") > 1 or args.x):
     raise ValueError(f"--metric {args.metric!r} is a family of metrics: one "
                      "'*', which is the x axis (no --x).")
-  if args.metric and not fnmatch.filter(metrics, args.metric):
-    # Before writing anything.
-    raise ValueError(f"--metric {args.metric!r} is not a column of the "
-                     f"table; choose one of {metrics} (or widen --metrics).")
+  in_table = ([m for m in metrics if family_member(args.metric, m)] if family
+              else [m for m in metrics if m == args.metric])
+  if args.metric and not in_table:  # Before writing anything.
+    what = ("names no metric of the table ('*' stands for one path segment)"
+            if family else "is not a column of the table")
+    raise ValueError(f"--metric {args.metric!r} {what}; choose one of "
+                     f"{metrics} (or widen --metrics).")
   out = args.out or os.path.join(args.workdir, "report")
   text = table(rows, metrics, args.seed_key)
   with open(out + ".md", "w") as f:

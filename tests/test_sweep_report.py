@@ -151,6 +151,13 @@ def test_a_family_of_metrics_on_the_x_axis(tmp_path):
   with pytest.raises(ValueError, match="one '\\*', which is the x axis"):
     sweep.main(["report", str(tmp_path), "--metrics", "eval/*", "--metric",
                 "eval/openmoji/*/top1", "--x", "loss"])
+  # '*' = 'openmoji/deeper' is two segments: no member, refused before
+  # report.md is written.
+  (tmp_path / "report.md").unlink()
+  with pytest.raises(ValueError, match="names no metric of the table"):
+    sweep.main(["report", str(tmp_path), "--metrics", "eval/*", "--metric",
+                "eval/*/set/top1"])
+  assert not (tmp_path / "report.md").exists()
 
 
 def test_report_names_a_metric_pattern_that_matches_nothing(tmp_path):
