@@ -52,7 +52,8 @@ def main():
     for rank in RANKS:
       figures = bench.bench_memory(step_config(variant, batch, rank),
                                    repeats=1)
-      full_peak = full_peak or figures["peak_bytes"]
+      if rank == 0:  # RANKS starts with full fine-tuning: the reference.
+        full_peak = figures["peak_bytes"]
       run = "full fine-tuning" if rank == 0 else f"LoRA r={rank}"
       rows.append({"model": name, "batch": batch, "rank": rank, **figures})
       print(f"{name:<10}{run:<18}"
@@ -61,6 +62,7 @@ def main():
             f"{figures['peak_bytes'] / 2**20:10.1f}"
             f"{figures['peak_bytes'] / full_peak:8.2f}"
             f"{figures['ms_per_step_median']:9.0f}", flush=True)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(rows, f, indent=2)
   print(f"wrote {args.out}")
