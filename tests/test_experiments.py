@@ -125,3 +125,16 @@ def test_lora_sweep_compares_full_and_lora_fine_tuning_of_the_demo():
   # Full fine-tuning loads every param; LoRA every param but the adapters.
   assert {c.init.include for c in full} == {".*"}
   assert {c.init.include for c in adapted} == {lora.BASE_PARAMS}
+
+
+def test_prompt_sweep_context_argument_sets_tower_and_tokenizer():
+  """`:context=32` (the prompt sweep without the 16-token cut) reaches both
+  the text tower and the tokenizer of every point; the default is the
+  demo's 16."""
+  path = os.path.join(ROOT, "experiments", "prompt_ensembling", "config.py")
+  for spec, context in ((path, 16), (f"{path}:context=32", 32)):
+    for overrides in sweep.load_sweep(spec):
+      config = sweep.load_point_config(spec, overrides)
+      config_lib.validate(config, device_count=1)
+      assert (config.model.text.context_length,
+              config.data.context_length) == (context, context)
