@@ -36,7 +36,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 test: install  ## Run the tests (CPU, 8 fake devices)
-	$(FAKE_DEVICES) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 tests
+	$(FAKE_DEVICES) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20 tests
 
 demo: install  ## Train configs/demo.py on the emoji data, print results
 	$(PY) -m clip_jax.demo --workdir runs/demo

@@ -130,8 +130,9 @@ def make_mesh(devices, order: str):
 
 def main():
   data_dir, out_dir, pid, nproc, port, local_devices, orders = sys.argv[1:8]
-  os.environ["XLA_FLAGS"] = (
-      f"--xla_force_host_platform_device_count={local_devices}")
+  os.environ["XLA_FLAGS"] = (  # After the test's flags (subprocess_env).
+      os.environ.get("XLA_FLAGS", "") +
+      f" --xla_force_host_platform_device_count={local_devices}").strip()
   import jax  # pylint: disable=g-import-not-at-top
   if int(nproc) > 1:
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",

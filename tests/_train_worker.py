@@ -15,8 +15,8 @@ run over k processes must be s * k * (k + 1) / 2.
 checkpoint (the temporary directory stays half-written until then);
 --max_file_bytes makes writing a larger file fail as on a full disk
 (RLIMIT_FSIZE: EFBIG).
-Exits with the run's exit status. Used by test_multiprocess.py and
-test_checkpoint.py (each run is a new process: resuming starts from disk).
+Exits with the run's exit status. Used by test_multiprocess.py (each run
+is a new process: resuming starts from disk).
 """
 
 import ast
@@ -81,8 +81,9 @@ def main():
   options = [a for a in sys.argv[7:] if a.startswith("--")]
   overrides = [a for a in sys.argv[7:] if not a.startswith("--")]
   options = dict((a[2:].split("=", 1) + ["1"])[:2] for a in options)
-  os.environ["XLA_FLAGS"] = (
-      f"--xla_force_host_platform_device_count={local_devices}")
+  os.environ["XLA_FLAGS"] = (  # After the test's flags (subprocess_env).
+      os.environ.get("XLA_FLAGS", "") +
+      f" --xla_force_host_platform_device_count={local_devices}").strip()
   import jax  # pylint: disable=g-import-not-at-top
   if int(nproc) > 1:
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",

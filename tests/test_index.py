@@ -11,6 +11,7 @@ import pytest
 import train_testing
 import ux_data
 from PIL import Image
+from subprocess_env import subprocess_env
 
 import clip_jax
 from clip_jax import index as index_lib
@@ -357,8 +358,7 @@ def test_two_processes_build_the_index_one_process_builds(tiny, built,
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   out = str(tmp_path / "two.index")
-  env = {**os.environ, "PYTHONPATH": ROOT,
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  env = subprocess_env(devices=4)
   procs = [subprocess.Popen(
       [sys.executable, "-m", "clip_jax.index", "build", "--workdir", workdir,
        "--folder", folder, "--out", out, "--batch_size", "16",

@@ -18,6 +18,7 @@ import time
 import pytest
 from absl import flags
 from ml_collections import config_flags
+from subprocess_env import subprocess_env
 
 from clip_jax import sweep
 
@@ -266,8 +267,7 @@ def test_parallel_points_are_pinned_to_disjoint_cpus(tmp_path):
 
 
 def _run_sweep(config, workdir, *extra):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["PYTHONPATH"] = ROOT
+  env = subprocess_env()
   return subprocess.Popen(
       [sys.executable, "-m", "clip_jax.sweep", "--config", config,
        "--workdir", workdir, *extra], cwd=ROOT, env=env,

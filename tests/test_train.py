@@ -142,7 +142,11 @@ def test_nonfinite_step_is_skipped_and_counted():
     reference, ref_metrics = step_fn(reference, batch)
   assert _bits(jax.device_get(state["params"])) == _bits(
       jax.device_get(reference["params"]))
-  assert lrs[-1] == float(ref_metrics["lr"]) == np.float32(config.lr / 4)
+  assert lrs[-1] == float(ref_metrics["lr"])
+  # Warmup step 1 of 4 (the skipped steps not counted), to a float32 ulp:
+  # the tests compile with LLVM at -O0 (conftest.py), which rounds the
+  # ramp's arithmetic differently in the last bit.
+  assert lrs[-1] == pytest.approx(config.lr / 4, rel=1e-6)
   assert float(np.exp(state["params"]["logit_scale"])) <= 100.0 * (1 + 1e-6)
 
 

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+from subprocess_env import subprocess_env
 
 from clip_jax.data import sources
 
@@ -36,8 +37,7 @@ def emoji_args(cache_dir, workdir, *extra):
 
 
 def start(args, log):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["PYTHONPATH"] = ROOT
+  env = subprocess_env()
   with open(log, "a") as out:
     # A session of its own: its process group is what a terminal's Ctrl-C
     # reaches (the run and grain's worker processes).
