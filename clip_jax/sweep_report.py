@@ -118,7 +118,8 @@ def metric_columns(rows: list[dict], patterns: str,
   wanted = [p for p in patterns.split(",") if p]
   names = sorted({k for r in rows for k in r["metrics"] if k != "step"})
   unmatched = [p for p in wanted
-               if strict and names and not fnmatch.filter(names, p)]
+               if strict and names
+               and not any(fnmatch.fnmatchcase(n, p) for n in names)]
   if unmatched:
     raise ValueError(
         f"--metrics pattern(s) {unmatched} match no metric of this sweep; "
