@@ -6,6 +6,9 @@ NOTO_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 SYMBOLA_FONT := /usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf
 # 8 fake CPU devices, so multi-device code runs everywhere.
 FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
+# Host buffers on huge pages (clip_jax/host_malloc.py; entry points add it
+# themselves by a re-exec, pytest needs it from the start).
+HUGE_PAGES := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 # pytest workers (pytest-xdist); whole files go to one worker, so module
 # fixtures are built once.
 TEST_WORKERS ?= 2
@@ -36,7 +39,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 test: install  ## Run the tests (CPU, 8 fake devices)
-	$(FAKE_DEVICES) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20 tests
+	$(FAKE_DEVICES) $(HUGE_PAGES) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20 tests
 
 demo: install  ## Train configs/demo.py on the emoji data, print results
 	$(PY) -m clip_jax.demo --workdir runs/demo

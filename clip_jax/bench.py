@@ -106,7 +106,7 @@ from absl import app, flags, logging
 from clip_jax import config as config_lib
 from clip_jax import flops as flops_lib
 from clip_jax import hlo as hlo_lib
-from clip_jax import losses, numpy_losses, optim, train_state
+from clip_jax import host_malloc, losses, numpy_losses, optim, train_state
 from clip_jax import sharding as sharding_lib
 from clip_jax.models import two_towers
 
@@ -255,6 +255,10 @@ def machine_description() -> dict:
       "jax": jax.__version__, "jaxlib": jaxlib.__version__,
       "backend": jax.default_backend(), "devices": jax.device_count(),
       "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+      # host_malloc: huge pages for host buffers, or not.
+      "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""),
+      "LD_PRELOAD": os.environ.get("LD_PRELOAD", ""),
+      "transparent_hugepage": host_malloc.thp_mode(),
   }
 
 
@@ -934,4 +938,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_malloc.reexec_if_wanted()  # As cli.run: huge-page host buffers.
   app.run(main)

@@ -22,8 +22,8 @@ XLA:CPU's thread pool uses.
 Each program runs in its own process (built once, then idle on a pipe while
 the other runs). The two programs alternate `--rounds` times (jax, torch,
 jax, torch, ...);
-each turn is the median examples/s of `--turn_windows` windows of
-`--turn_steps` steps after warm-up steps. The machine is shared, so
+each turn is one untimed step, then the median examples/s of
+`--turn_windows` windows of `--turn_steps` steps. The machine is shared, so
 the figure to read is the ratio clip_jax / open_clip of each round, and
 their median. The 1-minute load average is printed beside each round: on
 a machine busier than its cores, torch's OpenMP threads lose much more than
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from absl import app, flags, logging
 
-from clip_jax import bench
+from clip_jax import bench, host_malloc
 
 _MODELS = flags.DEFINE_list(
     "models", ["demo:256", "b32:64"],
@@ -151,6 +151,11 @@ def _worker(kind: str, name: str, batch: int, threads: int, conn):
   conn.send(facts)
   while (request := conn.recv()) is not None:
     windows, steps = request
+    # Untimed: the first step after the other program's turn is not what
+    # training sees (its steps run back to back). On the 2-core VM of the
+    # README, clip_jax's B/32 step took 3.9 ex/s after 15 s idle and 6.6
+    # back to back (open_clip's did not slow down).
+    one_step()
     conn.send(bench._median_rate(one_step, batch, windows, steps)[0])  # pylint: disable=protected-access
 
 
@@ -221,4 +226,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_malloc.reexec_if_wanted()  # As cli.run: huge-page host buffers.
   app.run(main)

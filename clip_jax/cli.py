@@ -26,6 +26,8 @@ import sys
 
 from absl import app, flags
 
+from clip_jax import host_malloc
+
 USAGE_ERROR = 2
 VERBOSE_ENV = "CLIP_JAX_VERBOSE"
 
@@ -219,14 +221,17 @@ def guard(main, argv_for_verbose=None):
 
 
 def run(main, argv=None) -> None:
-  """absl's app.run(main) with one-line user errors (module docstring)."""
+  """absl's app.run(main) with one-line user errors (module docstring),
+  in a process whose large host buffers sit on huge pages (host_malloc)."""
+  host_malloc.reexec_if_wanted()
   argv = sys.argv if argv is None else argv
   app.run(guard(main, argv), argv=argv, flags_parser=parse_flags)
 
 
 def run_plain(main) -> None:
   """sys.exit(main()) for argparse entry points, with one-line user errors
-  (--verbose / CLIP_JAX_VERBOSE=1 for the traceback)."""
+  (--verbose / CLIP_JAX_VERBOSE=1 for the traceback); huge pages as run()."""
+  host_malloc.reexec_if_wanted()
   verbose = verbose_requested(sys.argv)
   if "--verbose" in sys.argv:
     sys.argv.remove("--verbose")

@@ -2,6 +2,8 @@
 
 import os
 
+from clip_jax import host_malloc
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
@@ -10,9 +12,15 @@ def subprocess_env(devices=None):
   """os.environ for a process the tests start: PYTHONPATH is the repo and
   XLA_FLAGS keeps the tests' compile flags (conftest.py) without the 8
   fake devices; `devices` fake devices if given, else the process has one
-  (or sets its own count, as tests/_train_worker.py does)."""
+  (or sets its own count, as tests/_train_worker.py does). The huge-page
+  malloc tunable is set, as `make test` sets it for pytest, so that entry
+  points do not re-exec themselves to add it (clip_jax/host_malloc.py)."""
   flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
            if not flag.startswith(DEVICE_COUNT_FLAG)]
   if devices is not None:
     flags.append(f"{DEVICE_COUNT_FLAG}={devices}")
-  return {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": " ".join(flags)}
+  env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": " ".join(flags)}
+  tunables = env.get("GLIBC_TUNABLES", "").split(":")
+  if host_malloc.TUNABLE not in tunables:
+    env = host_malloc.environment_with_tunable(env)
+  return env
