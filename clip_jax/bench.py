@@ -329,9 +329,19 @@ def bench_train_step(config, windows: int, calls: int,
                                                            compiler_options)
   window = _timed_window(compiled, state, lambda: batch, calls)
   window()  # Warm-up.
+  faults = _minor_page_faults()
   rate, rates = _median_rate(window, config.batch_size * calls, windows, 1)
+  faults = (_minor_page_faults() - faults) / (windows * calls)
   return rate, rates, {"compile_seconds": compile_s,
-                       "compiled_flops_per_step": flops}
+                       "compiled_flops_per_step": flops,
+                       "minor_page_faults_per_step": faults}
+
+
+def _minor_page_faults() -> int:
+  """This process's minor page faults so far (each maps a fresh page; the
+  count per step shows whether host buffers sit on huge pages, host_malloc)."""
+  import resource  # pylint: disable=g-import-not-at-top
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def bench_train_loop(config, windows: int, calls: int):
@@ -385,6 +395,7 @@ def main_step():
       "train_step_examples_per_sec": step_rate,
       "train_step_windows": step_all,
       "compile_seconds": facts["compile_seconds"],
+      "minor_page_faults_per_step": facts["minor_page_faults_per_step"],
       "flops_per_example_analytic": per_example,
       "flops_per_example_analytic_parts": analytic,
       "flops_per_example_compiled": compiled_per_example,
@@ -397,6 +408,8 @@ def main_step():
   print(f"train step: {step_rate:8.1f} examples/s (median of "
         f"{_WINDOWS.value} windows of {_STEPS.value} steps; compile "
         f"{facts['compile_seconds']:.1f} s)")
+  print(f"host page faults: {facts['minor_page_faults_per_step']:.0f} per "
+        f"step (GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r})")
   print(f"model FLOPs/example: {per_example / 1e9:.4g} G analytic (matmuls), "
         f"{compiled_per_example / 1e9:.4g} G compiled cost analysis "
         f"(x{compiled_per_example / per_example:.3f})")
