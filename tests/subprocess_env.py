@@ -1,6 +1,7 @@
 """The environment of the processes the tests start."""
 
 import os
+import socket
 
 from clip_jax import host_malloc
 
@@ -24,3 +25,10 @@ def subprocess_env(devices=None):
   if host_malloc.TUNABLE not in tunables:
     env = host_malloc.environment_with_tunable(env)
   return env
+
+
+def free_port() -> int:
+  """A TCP port free now on 127.0.0.1 (a jax.distributed coordinator's)."""
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]

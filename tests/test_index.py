@@ -11,7 +11,7 @@ import pytest
 import train_testing
 import ux_data
 from PIL import Image
-from subprocess_env import subprocess_env
+from subprocess_env import free_port, subprocess_env
 
 import clip_jax
 from clip_jax import index as index_lib
@@ -351,12 +351,9 @@ def test_two_processes_build_the_index_one_process_builds(tiny, built,
   """Two processes of 4 devices each: the same items, skips and (up to one
   float16 step) embeddings as one process of 8; process 0 alone writes
   and prints."""
-  import socket  # pylint: disable=g-import-not-at-top
   workdir, folder = tiny
   _, single = built
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  port = free_port()
   out = str(tmp_path / "two.index")
   env = subprocess_env(devices=4)
   procs = [subprocess.Popen(

@@ -16,7 +16,6 @@ built once and shared: each costs a process start and a compilation.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import time
 import ml_collections
 import numpy as np
 import pytest
-from subprocess_env import subprocess_env
+from subprocess_env import free_port, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "_train_worker.py")
@@ -35,12 +34,6 @@ TWO_PROCESSES = ("mesh.data=2", "mesh.fsdp=4",
 # Steps of the shared uninterrupted runs. The schedule is constant after a
 # 2-step warmup, so step s's loss does not depend on the run's length.
 ONE_STEPS, TWO_STEPS = 8, 14
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def start_workers(workdir, steps, num_processes, local_devices, *args):
