@@ -223,7 +223,8 @@ def guard(main, argv_for_verbose=None):
 def run(main, argv=None) -> None:
   """absl's app.run(main) with one-line user errors (module docstring),
   in a process whose large host buffers sit on huge pages (host_malloc)."""
-  host_malloc.reexec_if_wanted()
+  if argv is None:  # The re-exec repeats the process's own command line.
+    host_malloc.reexec_if_wanted()
   argv = sys.argv if argv is None else argv
   app.run(guard(main, argv), argv=argv, flags_parser=parse_flags)
 

@@ -895,16 +895,19 @@ def parse_key_docs(text: str, header: str) -> dict[str, str]:
 
 def _base_config_comments() -> dict[str, str]:
   """{key: comment} of base_config's `c.key = ...  # comment` lines; a
-  comment block above a group of assignments documents the group."""
+  comment block above a group of assignments documents the group (up to a
+  blank line or the next comment block)."""
   import inspect
-  docs, block = {}, None
+  docs, block, in_block = {}, None, False
   for line in inspect.getsource(base_config).splitlines():
     stripped = line.strip()
     if not stripped:
-      block = None
+      block, in_block = None, False
     elif stripped.startswith("#"):
-      block = (block + " " if block else "") + stripped.lstrip("# ")
+      block = (block + " " if in_block else "") + stripped.lstrip("# ")
+      in_block = True
     else:
+      in_block = False
       match = re.match(r"c\.(\w+)\s*=.*?(?:#\s*(.*))?$", stripped)
       if match:
         docs[match.group(1)] = match.group(2) or block or ""

@@ -99,6 +99,18 @@ Keys:
       "e": "one space.", "f.g": "", "f.h": ""}
 
 
+def test_a_comment_block_documents_only_the_assignments_below_it():
+  # base_config: a block, loss_key; vse_margin with its own comment; a
+  # block, label_smoothing; a block, accum_steps and accum_mode.
+  docs = config_lib._base_config_comments()  # pylint: disable=protected-access
+  assert docs["loss_key"].startswith("multi_positive: which batch field")
+  assert docs["vse_margin"].startswith("vse_max / vse_sum hinge margin")
+  assert docs["label_smoothing"].startswith("Label smoothing")
+  assert docs["accum_steps"].startswith("Gradient accumulation")
+  assert docs["accum_mode"] == docs["accum_steps"]
+  assert "Label smoothing" not in docs["accum_steps"]
+
+
 def test_doc_for_falls_back_to_patterns_and_parents():
   docs = {"evals.*.type": "eval type", "model": "model keys",
           "model.x": ""}
