@@ -93,6 +93,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import resource
 import statistics
 import time
 
@@ -340,7 +341,6 @@ def bench_train_step(config, windows: int, calls: int,
 def _minor_page_faults() -> int:
   """This process's minor page faults so far (each maps a fresh page; the
   count per step shows whether host buffers sit on huge pages, host_malloc)."""
-  import resource  # pylint: disable=g-import-not-at-top
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
@@ -593,7 +593,6 @@ def main_loss():
 
 
 def _rss_gib():
-  import resource  # pylint: disable=g-import-not-at-top
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 

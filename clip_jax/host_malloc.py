@@ -52,12 +52,16 @@ def _glibc_version(libc: tuple[str, str]) -> tuple[int, ...] | None:
     return None
 
 
+def has_tunable(environ) -> bool:
+  return TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":")
+
+
 def wanted(environ, *, system: str, libc: tuple[str, str],
            thp: str | None) -> bool:
   """Whether a process in `environ` should re-exec with TUNABLE."""
   if environ.get(OPT_OUT_ENV, "1") == "0":
     return False
-  if TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":"):
+  if has_tunable(environ):
     return False  # Already set: this is the re-exec'd process, or the user's.
   if "malloc" in environ.get("LD_PRELOAD", ""):
     return False  # tcmalloc / jemalloc replace glibc's malloc.
@@ -67,8 +71,10 @@ def wanted(environ, *, system: str, libc: tuple[str, str],
 
 
 def environment_with_tunable(environ) -> dict[str, str]:
-  """A copy of environ with TUNABLE appended to GLIBC_TUNABLES."""
+  """A copy of environ with TUNABLE in GLIBC_TUNABLES (appended if absent)."""
   env = dict(environ)
+  if has_tunable(env):
+    return env
   existing = env.get("GLIBC_TUNABLES")
   env["GLIBC_TUNABLES"] = f"{existing}:{TUNABLE}" if existing else TUNABLE
   return env

@@ -20,11 +20,8 @@ def subprocess_env(devices=None):
            if not flag.startswith(DEVICE_COUNT_FLAG)]
   if devices is not None:
     flags.append(f"{DEVICE_COUNT_FLAG}={devices}")
-  env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": " ".join(flags)}
-  tunables = env.get("GLIBC_TUNABLES", "").split(":")
-  if host_malloc.TUNABLE not in tunables:
-    env = host_malloc.environment_with_tunable(env)
-  return env
+  return host_malloc.environment_with_tunable(
+      {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": " ".join(flags)})
 
 
 def free_port() -> int:

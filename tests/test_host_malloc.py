@@ -37,6 +37,7 @@ def test_tunable_is_appended_to_existing_ones():
   assert env == {"GLIBC_TUNABLES":
                  "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
                  "HOME": "/h"}
+  assert host_malloc.environment_with_tunable(env) == env  # Not twice.
 
 
 def test_thp_mode_reads_the_bracketed_mode(tmp_path):
