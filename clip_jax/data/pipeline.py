@@ -2,12 +2,17 @@
 
   source -> shuffle (reshuffled every epoch) -> repeat -> preprocess
   (decode, crop/resize, draw the colour/blur style, tokenize; a grain
-  RandomMap) -> this process's share -> [worker processes] -> drop and
-  count bad examples -> batch -> apply the style draws -> normalise
+  RandomMap) -> this process's share -> chunks of CHUNK examples (small
+  array images are cropped and resized here, a chunk at a time) ->
+  [worker processes] -> drop and count bad examples -> batch -> apply the
+  style draws -> normalise
 
 The style (transforms.apply_style) is a 3x3 colour matrix and two blur
 matmuls per image: done per batch it costs a few microseconds an example,
-per example (NumPy call overheads on 16x16 arrays) a hundred.
+per example (NumPy call overheads on 16x16 arrays) a hundred. Likewise the
+geometry of in-memory RGB arrays (the emoji source): Preprocess draws it,
+and transforms.apply_geometry crops, outlines and resizes the chunk's
+images in two batched matmuls, at a fraction of PIL's cost per example.
 
 Order. Everything up to "this process's share" is a grain MapDataset, a
 pure function of (seed, position in the global stream): the shuffle and
@@ -169,6 +174,7 @@ MIN_EXAMPLES_FOR_SKIP_CHECK = 100
 CLIP_BPE = "clip_bpe"  # config.data.tokenizer naming OpenAI CLIP's BPE.
 MAX_CAPTION_CHARS = 4096  # Longer captions are cut (clip_caption).
 CHUNK = 32  # Examples a worker prepares per message to the main process.
+TOKEN_CACHE_SIZE = 2**16  # Captions whose tokens a Preprocess keeps.
 _STATE_VERSION = 1
 
 
@@ -258,10 +264,34 @@ class Preprocess(grain.transforms.RandomMap):
   whole batches by the iterator; NO_STYLE if none), valid (False
   for a bad record: zero arrays, `error` says why), id (str). One caption
   is sampled at random.
+
+  With `chunk_geometry`, small RGB array images (transforms.
+  batchable_pixels) only get their geometry drawn: `geometry` holds
+  (source pixels, transforms.Geometry) and `image` stays zeros until
+  _stack_chunk resizes the whole chunk in one apply_geometry (the same
+  pixels as augment_geometry's, at a fraction of the per-image cost).
   """
 
-  def __init__(self, options: PreprocessOptions, tokenizer):
+  def __init__(self, options: PreprocessOptions, tokenizer,
+               chunk_geometry: bool = False):
     self.options, self.tokenizer = options, tokenizer
+    self.chunk_geometry = chunk_geometry
+    # caption -> (tokens, caption_hash): templated class names repeat.
+    self._token_cache = {}
+
+  def _tokens(self, caption: str):
+    """(int32 [L] tokens, caption_hash) of a caption, clipped first."""
+    cached = self._token_cache.get(caption)
+    if cached is None:
+      if len(self._token_cache) >= TOKEN_CACHE_SIZE:
+        self._token_cache.clear()
+      o = self.options
+      clipped = clip_caption(caption, o.context_length)
+      cached = (self.tokenizer.encode([clipped], o.context_length,
+                                      o.eos_policy)[0],
+                caption_hash(clipped.encode("utf-8")))
+      self._token_cache[caption] = cached
+    return cached
 
   def random_map(self, record, rng):
     o = self.options
@@ -289,20 +319,28 @@ class Preprocess(grain.transforms.RandomMap):
           captions += [name] if name not in captions else []
         if not captions:
           raise ValueError("no caption")
-        caption = (captions[int(rng.integers(len(captions)))]
+        # rng.random(), not rng.integers(): a third of the time.
+        caption = (captions[int(rng.random() * len(captions))]
                    if len(captions) > 1 else captions[0])
         if o.caption_templates:
           template = o.caption_templates[
-              int(rng.integers(len(o.caption_templates)))]
+              int(rng.random() * len(o.caption_templates))]
           caption = template.format(caption)
-        caption = clip_caption(caption, o.context_length)
-        out["caption_hash"] = caption_hash(caption.encode("utf-8"))
-        out["text"] = self.tokenizer.encode([caption], o.context_length,
-                                            o.eos_policy)[0]
-      out["image"], scale = transforms.augment_geometry(
-          record.get("image"), o.image_size, rng,
-          crop_scale=o.crop_scale, flip=o.flip, outline_prob=o.outline_prob,
-          jpeg_decoder=o.jpeg_decoder)
+        out["text"], out["caption_hash"] = self._tokens(caption)
+      pixels = (transforms.batchable_pixels(record.get("image"),
+                                            o.image_size)
+                if self.chunk_geometry else None)
+      if pixels is not None:  # Resized with its chunk (_stack_chunk).
+        geometry = transforms.plan_geometry(
+            pixels.shape[1], pixels.shape[0], rng, crop_scale=o.crop_scale,
+            flip=o.flip, outline_prob=o.outline_prob)
+        out["geometry"] = (pixels, geometry)
+        scale = geometry.output_scale(o.image_size)
+      else:
+        out["image"], scale = transforms.augment_geometry(
+            record.get("image"), o.image_size, rng,
+            crop_scale=o.crop_scale, flip=o.flip,
+            outline_prob=o.outline_prob, jpeg_decoder=o.jpeg_decoder)
       if o.style_strength > 0:  # Applied batch-wise, later.
         out["style"] = transforms.draw_style(rng, o.style_strength, scale)
       if o.ssl_views is not None:  # After every other draw (see above).
@@ -411,10 +449,20 @@ _CHUNK_LISTS = ("valid", "id", "error")
 
 def _stack_chunk(rows):
   """grain batch_fn: examples -> one chunk (arrays stacked, the rest in
-  lists: ids and errors are strings of any length)."""
+  lists: ids and errors are strings of any length). Images whose geometry
+  Preprocess left to the chunk are resized here, one batched
+  apply_geometry per source shape."""
   arrays = _CHUNK_ARRAYS + tuple(k for k in _OPTIONAL_ARRAYS if k in rows[0])
   chunk = {k: np.stack([r[k] for r in rows]) for k in arrays}
   chunk.update({k: [r[k] for r in rows] for k in _CHUNK_LISTS})
+  by_shape = {}
+  for i, r in enumerate(rows):
+    if "geometry" in r:
+      by_shape.setdefault(r["geometry"][0].shape, []).append(i)
+  for index in by_shape.values():
+    chunk["image"][index] = transforms.apply_geometry(
+        np.stack([rows[i]["geometry"][0] for i in index]),
+        [rows[i]["geometry"][1] for i in index], chunk["image"].shape[1])
   return chunk
 
 
@@ -832,7 +880,7 @@ def make_dataset(data_config, *, split: str, batch_size_per_process: int,
     raise ValueError(f"config.data.source={c.source!r} split {split!r} has "
                      "no examples.")
   preprocess = Preprocess(_preprocess_options(c, source, split, ssl_views),
-                          tokenizer)
+                          tokenizer, chunk_geometry=True)
   ds = grain.MapDataset.source(_GuardedSource(source)).seed(seed)
   ds = ds.shuffle().repeat(num_epochs).random_map(preprocess)
   ds = _TrainShard(ds, block=batch_size_per_process, index=shard_index,

@@ -465,8 +465,10 @@ class EmojiSource:
   @property
   def images(self) -> np.ndarray:
     if self._images is None:
-      self._images = np.load(os.path.join(self.root, f"{self.split}.npy"),
-                             mmap_mode="r")
+      # A plain ndarray view of the memory map: indexing a np.memmap
+      # costs several times more.
+      self._images = np.asarray(np.load(
+          os.path.join(self.root, f"{self.split}.npy"), mmap_mode="r"))
     return self._images
 
   def __len__(self):
@@ -474,7 +476,7 @@ class EmojiSource:
 
   def __getitem__(self, index):
     record = self.records[index]
-    return {"image": np.array(self.images[index]),
+    return {"image": self.images[index].copy(),
             "captions": list(record["captions"]), "label": record["label"],
             "id": record["id"]}
 

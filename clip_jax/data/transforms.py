@@ -7,7 +7,9 @@ in the stream, so a run is reproducible and a resumed run sees the same
 augmentations. `augment_geometry` (per example) returns uint8; the style is
 drawn per example (`draw_style`) and applied to whole batches
 (`apply_style`), like `normalize`, which turns uint8 into float32.
-`preprocess_image` does all of it for one image.
+`preprocess_image` does all of it for one image. The geometry of small RGB
+arrays can be split the same way: `plan_geometry` draws it per example,
+`apply_geometry` applies it to a batch (the pipeline does, per chunk).
 
 Geometry: without a crop (and always at evaluation) the shorter side is
 resized to `size` and the centre `size` x `size` square kept (square images
@@ -21,6 +23,8 @@ text in images reads backwards.
 from __future__ import annotations
 
 import io
+import math
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -114,14 +118,18 @@ def random_resized_crop_box(width: int, height: int,
   """
   area = width * height
   zoom_out = scale[1] > 1
+  log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
   for _ in range(10):
-    target = area * rng.uniform(*scale)
-    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
-    w = round(np.sqrt(target * aspect))
-    h = round(np.sqrt(target / aspect))
+    # One call for the try's four uniforms: a Generator call costs ~1 us.
+    u_area, u_aspect, u_x, u_y = rng.random(4)
+    target = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+    aspect = math.exp(log_lo + (log_hi - log_lo) * u_aspect)
+    w = round(math.sqrt(target * aspect))
+    h = round(math.sqrt(target / aspect))
     if 0 < w and 0 < h and (zoom_out or (w <= width and h <= height)):
-      x = int(rng.integers(min(0, width - w), max(0, width - w) + 1))
-      y = int(rng.integers(min(0, height - h), max(0, height - h) + 1))
+      # x uniform over the min(0, width - w) .. max(0, width - w) places.
+      x = min(0, width - w) + int(u_x * (abs(width - w) + 1))
+      y = min(0, height - h) + int(u_y * (abs(height - h) + 1))
       return x, y, x + w, y + h
   aspect = min(max(width / height, ratio[0]), ratio[1])
   w, h = (width, round(width / aspect)) if width / height < aspect else (
@@ -131,14 +139,18 @@ def random_resized_crop_box(width: int, height: int,
   return x, y, x + w, y + h
 
 
+def border_colours(pixels: np.ndarray) -> np.ndarray:
+  """uint8 [B, H, W, 3] -> int [B, 3]: per channel, the mean of the middle
+  two of the four corner pixels (white for emoji renderings): the fill
+  around a zoomed-out image."""
+  corners = np.sort(pixels[:, [0, 0, -1, -1], [0, -1, 0, -1]].astype(int),
+                    axis=1)
+  return (corners[:, 1] + corners[:, 2]) // 2
+
+
 def border_colour(img: Image.Image) -> tuple:
-  """Per-channel median of the four corner pixels (white for emoji
-  renderings): the fill around a zoomed-out image."""
-  w, h = img.size
-  corners = [img.getpixel(xy) for xy in ((0, 0), (w - 1, 0), (0, h - 1),
-                                         (w - 1, h - 1))]
-  middles = (sorted(channel)[1:3] for channel in zip(*corners))
-  return tuple((lo + hi) // 2 for lo, hi in middles)
+  """border_colours of one PIL image, as a tuple."""
+  return tuple(int(v) for v in border_colours(np.asarray(img)[None])[0])
 
 
 def pad_to_box(img: Image.Image, box):
@@ -180,10 +192,10 @@ def draw_style(rng: np.random.Generator, strength: float,
   All of it commutes with resizing (the blur once its sigma is scaled), so
   it is applied to the small output images, a whole batch at a time
   (apply_style)."""
-  factors = rng.uniform(1 - strength, 1 + strength, size=3)
-  grey = float(rng.random() < strength / 2)
-  sigma = float(rng.uniform(0.1, 2.0)) * blur_scale
-  sigma = sigma if rng.random() < 0.5 else 0.0
+  u = rng.random(6)  # One Generator call (~1 us each).
+  factors = 1 - strength + 2 * strength * u[:3]
+  grey = float(u[3] < strength / 2)
+  sigma = (0.1 + 1.9 * u[4]) * blur_scale if u[5] < 0.5 else 0.0
   return np.array([*factors, grey, sigma], np.float32)
 
 
@@ -244,14 +256,15 @@ def apply_style(images: np.ndarray, style: np.ndarray) -> np.ndarray:
 
 
 def _dilate(mask: np.ndarray, width: int) -> np.ndarray:
-  """Boolean [H, W] mask grown by a width x width square (width odd)."""
+  """Boolean [..., H, W] masks grown by a width x width square (width
+  odd); outside the image counts as unset."""
   r = width // 2
   out = mask.copy()
-  for axis in (0, 1):
+  for axis in (-2, -1):
     grown = out.copy()
     for shift in range(1, r + 1):
-      lo = [slice(None)] * 2
-      hi = [slice(None)] * 2
+      lo = [slice(None)] * mask.ndim
+      hi = [slice(None)] * mask.ndim
       lo[axis], hi[axis] = slice(shift, None), slice(None, -shift)
       grown[tuple(lo)] |= out[tuple(hi)]
       grown[tuple(hi)] |= out[tuple(lo)]
@@ -259,20 +272,207 @@ def _dilate(mask: np.ndarray, width: int) -> np.ndarray:
   return out
 
 
-def draw_outline(img: Image.Image, rng: np.random.Generator,
-                 max_width: int = 5) -> Image.Image:
-  """Draws a dark contour, 1..max_width px wide, around the silhouette of
-  what is drawn on a near-white background: line-art styles outline their
-  shapes, photographic and shaded ones do not."""
-  width = 2 * int(rng.integers(0, max_width // 2 + 1)) + 1  # Odd: 1, 3, 5.
-  pixels = np.asarray(img)
+def draw_outline_params(rng: np.random.Generator,
+                        max_width: int = 5) -> tuple[int, int]:
+  """(width, shade) of an outline: width odd in 1..max_width px, shade a
+  dark grey in 0..79."""
+  u_width, u_shade = rng.random(2)
+  return 2 * int(u_width * (max_width // 2 + 1)) + 1, int(u_shade * 80)
+
+
+def outline_pixels(pixels: np.ndarray, widths, shades) -> np.ndarray:
+  """uint8 [B, H, W, 3] with a dark contour drawn around the silhouette of
+  what is drawn on a near-white background, widths[i] px wide (odd) in
+  grey shades[i]: line-art styles outline their shapes, photographic and
+  shaded ones do not."""
+  widths, shades = np.asarray(widths), np.asarray(shades, np.uint8)
   # Not near-white (np.minimum: a reduction over the size-3 axis is slow).
   ink = np.minimum(np.minimum(pixels[..., 0], pixels[..., 1]),
                    pixels[..., 2]) < 245
   inner = ~_dilate(~ink, 3)   # Eroded by one pixel.
-  ring = _dilate(ink, width) & ~inner
-  shade = int(rng.integers(0, 80))
-  return Image.fromarray(np.where(ring[..., None], np.uint8(shade), pixels))
+  grown, ring = ink, np.zeros_like(ink)
+  for width in range(1, int(widths.max(initial=1)) + 1, 2):
+    if width > 1:  # A 3x3 square twice is a 5x5 square.
+      grown = _dilate(grown, 3)
+    ring[widths == width] = grown[widths == width]
+  ring &= ~inner
+  # Not np.where(ring[..., None], ...): numpy broadcasts over a size-3
+  # axis slowly.
+  out = pixels.copy()
+  drawn = np.flatnonzero(ring)
+  out.reshape(-1, 3)[drawn] = shades[drawn // ring[0].size, None]
+  return out
+
+
+def draw_outline(img: Image.Image, rng: np.random.Generator,
+                 max_width: int = 5) -> Image.Image:
+  """outline_pixels of one PIL image, width and shade drawn from rng."""
+  width, shade = draw_outline_params(rng, max_width)
+  return Image.fromarray(
+      outline_pixels(np.asarray(img)[None], [width], [shade])[0])
+
+
+class Geometry(NamedTuple):
+  """One example's geometric draws: the crop box in source pixels (it may
+  reach outside the image: zoom out), the outline's width (0: none) and
+  shade, and the horizontal flip (0 | 1). Flat ints, so that
+  np.array(geometries) is one [B, 7] array."""
+  left: int
+  top: int
+  right: int
+  bottom: int
+  outline_width: int = 0
+  outline_shade: int = 0
+  flip: int = 0
+
+  @property
+  def box(self) -> tuple:
+    return self[:4]
+
+  def output_scale(self, size: int) -> float:
+    """Output / source pixels of the crop at `size` px."""
+    return size / (self.right - self.left)
+
+
+def plan_geometry(width: int, height: int, rng: np.random.Generator | None,
+                  *, crop_scale=None, flip: bool = False,
+                  outline_prob: float = 0.0) -> Geometry:
+  """The draws of augment_geometry for a width x height source, in its
+  order: crop box, outline, flip (rng=None: the centre square)."""
+  if rng is not None and crop_scale is not None:
+    box = random_resized_crop_box(width, height, rng, scale=tuple(crop_scale))
+  else:
+    box = center_square_box(width, height)
+  outline = (0, 0)
+  if rng is not None and outline_prob > 0 and rng.random() < outline_prob:
+    outline = draw_outline_params(rng)
+  flipped = int(rng is not None and flip and rng.random() < 0.5)
+  return Geometry(*box, *outline, flipped)
+
+
+def _bicubic(t: np.ndarray) -> np.ndarray:
+  """PIL's bicubic kernel (a = -0.5), support [-2, 2]."""
+  t = np.abs(t)
+  near = (1.5 * t - 2.5) * t * t + 1
+  far = ((-0.5 * t + 2.5) * t - 4) * t + 2
+  return np.where(t < 1, near, far) * (t < 2)
+
+
+def resize_weights(lo, hi, length: int, size: int) -> np.ndarray:
+  """float [B, size, length]: row i resamples output pixel i of the window
+  [lo, hi) (one per example; integers, may reach outside [0, length)) from
+  the source's `length` pixels, as PIL's bicubic resize of an image padded
+  to hold the window: the kernel widened by the reduction (antialiasing),
+  normalised over the padded image. The padding's own weight is
+  1 - row sum."""
+  lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+  scale = (hi - lo) / size
+  widen = np.maximum(scale, 1.0)[:, None, None]
+  centres = (lo[:, None] + (np.arange(size) + 0.5) * scale[:, None])[..., None]
+  # The kernel's taps only: 2 x (2 x widen) around each centre.
+  reach = int(np.ceil(2 * widen.max())) + 1
+  taps = np.floor(centres) + np.arange(-reach, reach + 1)  # [B, size, T]
+  weights = _bicubic((taps + 0.5 - centres) / widen)
+  weights *= (taps >= np.minimum(lo, 0)[:, None, None]) & (
+      taps < np.maximum(hi, length)[:, None, None])  # In the padded image.
+  weights /= weights.sum(-1, keepdims=True)
+  # Scattered onto the source's pixels; taps outside land in two spare
+  # columns, dropped.
+  dense = np.zeros((*taps.shape[:2], length + 2))
+  np.put_along_axis(dense, np.clip(taps, -1, length).astype(np.int64) + 1,
+                    weights, axis=-1)
+  return dense[..., 1:-1]
+
+
+# resize_weights of windows seen before, float32 [size, length] by
+# (lo, hi, length, size): a source of one size has few distinct windows
+# (~1,400 per axis for the demo's 64 px crops), so after warm-up all are
+# here. Emptied when full (at most ~64 MB: batchable_pixels bounds
+# size x length).
+_WINDOW_WEIGHTS: dict = {}
+_WINDOW_WEIGHTS_MAX = 2048
+
+
+def _cached_resize_weights(lo, hi, length: int, size: int) -> np.ndarray:
+  """resize_weights as float32 [B, size, length], from _WINDOW_WEIGHTS."""
+  keys = [(int(a), int(b), length, size) for a, b in zip(lo, hi)]
+  missing = {k for k in keys if k not in _WINDOW_WEIGHTS}
+  if len(_WINDOW_WEIGHTS) + len(missing) > _WINDOW_WEIGHTS_MAX:
+    _WINDOW_WEIGHTS.clear()
+    missing = set(keys)
+  if missing:
+    missing = list(missing)
+    new = resize_weights([k[0] for k in missing], [k[1] for k in missing],
+                         length, size).astype(np.float32)
+    _WINDOW_WEIGHTS.update(zip(missing, new))
+  return np.stack([_WINDOW_WEIGHTS[k] for k in keys])
+
+
+def _round_to_uint8(x: np.ndarray) -> np.ndarray:
+  return np.clip(np.floor(x + 0.5), 0, 255).astype(np.uint8)
+
+
+def apply_geometry(pixels: np.ndarray, geometries, size: int) -> np.ndarray:
+  """uint8 [B, H, W, 3] sources and their Geometry draws -> uint8
+  [B, size, size, 3]: outline, crop (padded with border_colours outside
+  the image), bicubic resize, flip, as augment_geometry does with PIL,
+  for the whole batch in two batched matmuls: along columns, rounded,
+  then along rows (PIL goes along rows first: the pixels are within 1 of
+  PIL's resize of the transposed image).
+
+  The padding never materialises: resizing the padded image is resizing
+  the image with the weights of its own pixels, plus the border times
+  the rest of the weight.
+  """
+  n, height, width, _ = pixels.shape
+  left, top, right, bottom, widths, shades, flips = np.array(
+      geometries, np.int64).reshape(n, 7).T
+  if widths.any():
+    drawn = widths > 0
+    pixels = pixels.copy()
+    pixels[drawn] = outline_pixels(pixels[drawn], widths[drawn],
+                                   shades[drawn])
+  border = border_colours(pixels).astype(np.float32)  # [B, 3]
+  along_y = _cached_resize_weights(top, bottom, height, size)
+  along_x = _cached_resize_weights(left, right, width, size)
+  flips = flips.astype(bool)
+  along_x[flips] = along_x[flips, ::-1]
+  # Along columns first: [B, size, H] @ [B, H, W x 3], no transposes
+  # (numpy's strided copies of the source would cost more than the
+  # matmuls). Then along rows, through [W x 3, size x 3] weights that keep
+  # the channels apart. The padding's share: its weight (1 - the row's
+  # sum) times the border.
+  pad_y = 1 - along_y.sum(-1)  # [B, size]
+  cols = along_y @ pixels.reshape(n, height, width * 3).astype(np.float32)
+  cols += pad_y[:, :, None] * np.tile(border, width)[:, None, :]
+  cols = _round_to_uint8(cols).astype(np.float32)  # PIL rounds here too.
+  per_channel = np.zeros((n, width, 3, size, 3), np.float32)
+  for c in range(3):
+    per_channel[:, :, c, :, c] = along_x.transpose(0, 2, 1)
+  out = cols @ per_channel.reshape(n, width * 3, size * 3)
+  pad_x = 1 - along_x.sum(-1)
+  out += (pad_x[:, :, None] * border[:, None, :]).reshape(n, 1, size * 3)
+  return _round_to_uint8(out).reshape(n, size, size, 3)
+
+
+# Arrays whose batched resize (apply_geometry) takes at most this many
+# multiply-adds per image go through it; larger ones through PIL, whose
+# resize touches only the kernel's taps (a dense matmul does S / 4 times
+# the arithmetic of a reduction to S px, at ~20x the speed per op).
+BATCHED_RESIZE_MAX_MACS = 2**23
+
+
+def batchable_pixels(image, size: int) -> np.ndarray | None:
+  """`image` as uint8 [H, W, 3] when it is an RGB array that apply_geometry
+  resizes cheaply (BATCHED_RESIZE_MAX_MACS); None for anything else
+  (encoded bytes, paths, grey or RGBA arrays, large arrays: decode())."""
+  if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and
+          image.ndim == 3 and image.shape[-1] == 3 and 0 not in image.shape):
+    return None
+  height, width, _ = image.shape
+  # Worst case (a zoom-out window twice the side): along rows, then columns.
+  macs = 3 * size * (2 * height * width + 2 * width * size)
+  return image if macs <= BATCHED_RESIZE_MAX_MACS else None
 
 
 JPEG_DECODERS = ("pillow", "pillow_draft", "simplejpeg")
@@ -314,29 +514,23 @@ def decode_jpeg_at_least(data: bytes, min_size, decoder: str):
   return img if img.mode == "RGB" else decode(data)
 
 
-def _reduced_jpeg_and_box(image, size, rng, crop_scale, decoder):
-  """(RGB image, crop box in its pixels, crop width in source pixels):
-  the box drawn from the JPEG's full size (the same draws as decode()
-  then a box), the JPEG decoded at the smallest scale that keeps the box
-  at least `size` px a side (the full scale for a zoom-out box or an
-  image past MAX_DECODE_PIXELS)."""
+def _reduced_jpeg(image, box, size, decoder):
+  """(RGB image, `box` in its pixels): the JPEG decoded at the smallest
+  scale that keeps the box (drawn from the header's full size) at least
+  `size` px a side (the full scale for a zoom-out box or an image past
+  MAX_DECODE_PIXELS)."""
   w, h = jpeg_size(image, decoder)
-  if rng is not None and crop_scale is not None:
-    box = random_resized_crop_box(w, h, rng, scale=tuple(crop_scale))
-  else:
-    box = center_square_box(w, h)
   inside = box[0] >= 0 and box[1] >= 0 and box[2] <= w and box[3] <= h
   if not inside or w * h > MAX_DECODE_PIXELS or 0 in (w, h):
-    return decode(image), box, box[2] - box[0]
+    return decode(image), box
   box_w, box_h = box[2] - box[0], box[3] - box[1]
   need = (min(w, -(-w * size // box_w)), min(h, -(-h * size // box_h)))
   img = decode_jpeg_at_least(image, need, decoder)
   sx, sy = img.width / w, img.height / h
   # Clamped: rounding must not put the box a hair outside the image.
-  scaled = (max(0.0, box[0] * sx), max(0.0, box[1] * sy),
-            min(float(img.width), box[2] * sx),
-            min(float(img.height), box[3] * sy))
-  return img, scaled, box_w
+  return img, (max(0.0, box[0] * sx), max(0.0, box[1] * sy),
+               min(float(img.width), box[2] * sx),
+               min(float(img.height), box[3] * sy))
 
 
 # How evaluation (rng=None) makes a square image (config.data.eval_resize):
@@ -372,33 +566,40 @@ def augment_geometry(image, size: int, rng: np.random.Generator | None = None,
   crop). `rng=None` (evaluation) means no random crop, outline or flip,
   and the square is made as `eval_resize` says (EVAL_RESIZES).
 
-  jpeg_decoder (JPEG bytes only): 'pillow' decodes at full size;
-  'pillow_draft' / 'simplejpeg' draw the crop from the header's size and
-  decode at the smallest DCT scale that keeps the crop >= size px a side
-  (the same crops; pixels differ by resampling only)."""
+  Small RGB arrays (batchable_pixels) are resized by apply_geometry, the
+  rest by PIL (bicubic both). jpeg_decoder (JPEG bytes only): 'pillow'
+  decodes at full size; 'pillow_draft' / 'simplejpeg' draw the crop from
+  the header's size and decode at the smallest DCT scale that keeps the
+  crop >= size px a side (the same crops; pixels differ by resampling
+  only)."""
   if rng is None and eval_resize != "center_square":
     img = decode(image)
     pixels = _eval_square(img, size, eval_resize)
     return np.ascontiguousarray(pixels), size / min(img.size)
+  draws = dict(crop_scale=crop_scale, flip=flip, outline_prob=outline_prob)
+  pixels = batchable_pixels(image, size)
+  if pixels is not None:
+    geometry = plan_geometry(pixels.shape[1], pixels.shape[0], rng, **draws)
+    return (apply_geometry(pixels[None], [geometry], size)[0],
+            geometry.output_scale(size))
   if jpeg_decoder != "pillow" and _is_jpeg(image):
-    img, box, source_width = _reduced_jpeg_and_box(image, size, rng,
-                                                   crop_scale, jpeg_decoder)
+    geometry = plan_geometry(*jpeg_size(image, jpeg_decoder), rng, **draws)
+    img, box = _reduced_jpeg(image, geometry.box, size, jpeg_decoder)
   else:
     img = decode(image)
-    if rng is not None and crop_scale is not None:
-      box = random_resized_crop_box(*img.size, rng, scale=tuple(crop_scale))
-    else:
-      box = center_square_box(*img.size)
-    source_width = box[2] - box[0]
-  if rng is not None and outline_prob > 0 and rng.random() < outline_prob:
-    img = draw_outline(img, rng)
+    geometry = plan_geometry(*img.size, rng, **draws)
+    box = geometry.box
+  if geometry.outline_width:
+    img = Image.fromarray(outline_pixels(
+        np.asarray(img)[None], [geometry.outline_width],
+        [geometry.outline_shade])[0])
   img, box = pad_to_box(img, box)
   if tuple(box) != (0, 0, *img.size) or img.size != (size, size):
     img = img.resize((size, size), Image.BICUBIC, box=box)
   pixels = np.asarray(img)
-  if rng is not None and flip and rng.random() < 0.5:
+  if geometry.flip:
     pixels = pixels[:, ::-1]
-  return np.ascontiguousarray(pixels), size / source_width
+  return np.ascontiguousarray(pixels), geometry.output_scale(size)
 
 
 def preprocess_image(image, size: int, rng: np.random.Generator | None = None,
