@@ -386,26 +386,29 @@ def resize_weights(lo, hi, length: int, size: int) -> np.ndarray:
 
 # resize_weights of windows seen before, float32 [size, length] by
 # (lo, hi, length, size): a source of one size has few distinct windows
-# (~1,400 per axis for the demo's 64 px crops), so after warm-up all are
-# here. Emptied when full (at most ~64 MB: batchable_pixels bounds
-# size x length).
+# (~1,400 for the demo's 64 px crops), so after warm-up all are here.
+# Emptied when full (at most ~70 MB: batchable_pixels bounds size x
+# length).
 _WINDOW_WEIGHTS: dict = {}
 _WINDOW_WEIGHTS_MAX = 2048
 
 
 def _cached_resize_weights(lo, hi, length: int, size: int) -> np.ndarray:
-  """resize_weights as float32 [B, size, length], from _WINDOW_WEIGHTS."""
+  """resize_weights as float32 [B, size, length], from _WINDOW_WEIGHTS.
+
+  Read into a local dict first: grain's read threads share the cache, and
+  another thread may empty it meanwhile."""
   keys = [(int(a), int(b), length, size) for a, b in zip(lo, hi)]
-  missing = {k for k in keys if k not in _WINDOW_WEIGHTS}
-  if len(_WINDOW_WEIGHTS) + len(missing) > _WINDOW_WEIGHTS_MAX:
-    _WINDOW_WEIGHTS.clear()
-    missing = set(keys)
+  found = {k: _WINDOW_WEIGHTS.get(k) for k in set(keys)}
+  missing = [k for k, weights in found.items() if weights is None]
   if missing:
-    missing = list(missing)
     new = resize_weights([k[0] for k in missing], [k[1] for k in missing],
                          length, size).astype(np.float32)
-    _WINDOW_WEIGHTS.update(zip(missing, new))
-  return np.stack([_WINDOW_WEIGHTS[k] for k in keys])
+    if len(_WINDOW_WEIGHTS) + len(missing) > _WINDOW_WEIGHTS_MAX:
+      _WINDOW_WEIGHTS.clear()
+    for key, weights in zip(missing, new):
+      found[key] = _WINDOW_WEIGHTS[key] = weights
+  return np.stack([found[k] for k in keys])
 
 
 def _round_to_uint8(x: np.ndarray) -> np.ndarray:
@@ -470,8 +473,8 @@ def batchable_pixels(image, size: int) -> np.ndarray | None:
           image.ndim == 3 and image.shape[-1] == 3 and 0 not in image.shape):
     return None
   height, width, _ = image.shape
-  # Worst case (a zoom-out window twice the side): along rows, then columns.
-  macs = 3 * size * (2 * height * width + 2 * width * size)
+  # Along columns ([S, H] @ [H, 3W]), then rows ([S, 3W] @ [3W, 3S]).
+  macs = 3 * size * height * width + 9 * size * width * size
   return image if macs <= BATCHED_RESIZE_MAX_MACS else None
 
 
