@@ -634,3 +634,37 @@ def test_caption_templates_and_style_augmentation_are_seeded(tmp_path):
   styled = transforms.apply_style(np.stack([o["image"] for o in outs]),
                                   np.stack([o["style"] for o in outs]))
   assert len({o.tobytes() for o in styled}) > 10
+
+
+def test_token_cache_is_bounded_and_changes_nothing(monkeypatch):
+  """Preprocess caches tokens per clipped caption; the cache empties past
+  its bounds, and the tokens and hashes are those of an uncached run."""
+  monkeypatch.setattr(pipeline, "TOKEN_CACHE_CHARS", 200)
+  monkeypatch.setattr(pipeline, "TOKEN_CACHE_SIZE", 8)
+
+  class Lengths:
+    calls = 0
+
+    def encode(self, texts, length, policy):
+      del policy
+      Lengths.calls += len(texts)
+      return np.array([[len(t)] * length for t in texts], np.int32)
+
+  opts = pipeline.PreprocessOptions(image_size=4, context_length=3)
+  prep = pipeline.Preprocess(opts, Lengths())
+  image = np.full((4, 4, 3), 9, np.uint8)
+  captions = [f"caption {i} " + "x" * (i % 7) for i in range(40)]
+  captions.append("y " * 5000)  # Clipped to MAX_CAPTION_CHARS first.
+  for caption in captions * 2:
+    out = prep.random_map({"image": image, "captions": [caption]},
+                          np.random.default_rng(0))
+    clipped = pipeline.clip_caption(caption, 3)
+    np.testing.assert_array_equal(out["text"], [len(clipped)] * 3)
+    assert out["caption_hash"] == pipeline.caption_hash(clipped.encode())
+    assert len(prep._token_cache) <= 8  # pylint: disable=protected-access
+    assert sum(map(len, prep._token_cache)) <= 200 + len(clipped)  # pylint: disable=protected-access
+  repeated = Lengths.calls
+  for _ in range(5):  # One caption again and again: tokenised once.
+    prep.random_map({"image": image, "captions": ["same"]},
+                    np.random.default_rng(0))
+  assert Lengths.calls == repeated + 1

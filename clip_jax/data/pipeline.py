@@ -174,7 +174,8 @@ MIN_EXAMPLES_FOR_SKIP_CHECK = 100
 CLIP_BPE = "clip_bpe"  # config.data.tokenizer naming OpenAI CLIP's BPE.
 MAX_CAPTION_CHARS = 4096  # Longer captions are cut (clip_caption).
 CHUNK = 32  # Examples a worker prepares per message to the main process.
-TOKEN_CACHE_SIZE = 2**16  # Captions whose tokens a Preprocess keeps.
+TOKEN_CACHE_SIZE = 2**15  # Captions whose tokens a Preprocess keeps,
+TOKEN_CACHE_CHARS = 2**22  # and their characters, at most.
 _STATE_VERSION = 1
 
 
@@ -276,20 +277,25 @@ class Preprocess(grain.transforms.RandomMap):
                chunk_geometry: bool = False):
     self.options, self.tokenizer = options, tokenizer
     self.chunk_geometry = chunk_geometry
-    # caption -> (tokens, caption_hash): templated class names repeat.
-    self._token_cache = {}
+    # clipped caption -> (tokens, caption_hash): templated class names
+    # repeat (the demo has < 32,000 distinct captions); web captions do
+    # not, so the cache is emptied past TOKEN_CACHE_CHARS.
+    self._token_cache, self._token_cache_chars = {}, 0
 
   def _tokens(self, caption: str):
     """(int32 [L] tokens, caption_hash) of a caption, clipped first."""
+    o = self.options
+    caption = clip_caption(caption, o.context_length)
     cached = self._token_cache.get(caption)
     if cached is None:
-      if len(self._token_cache) >= TOKEN_CACHE_SIZE:
+      self._token_cache_chars += len(caption)
+      if (len(self._token_cache) >= TOKEN_CACHE_SIZE or
+          self._token_cache_chars > TOKEN_CACHE_CHARS):
         self._token_cache.clear()
-      o = self.options
-      clipped = clip_caption(caption, o.context_length)
-      cached = (self.tokenizer.encode([clipped], o.context_length,
+        self._token_cache_chars = len(caption)
+      cached = (self.tokenizer.encode([caption], o.context_length,
                                       o.eos_policy)[0],
-                caption_hash(clipped.encode("utf-8")))
+                caption_hash(caption.encode("utf-8")))
       self._token_cache[caption] = cached
     return cached
 
