@@ -82,26 +82,6 @@ def test_augment_geometry_routes_small_arrays_through_apply_geometry():
     assert scale == 12 / (geometry.right - geometry.left)
 
 
-def test_batched_outline_equals_per_image_outline():
-  rng = np.random.default_rng(1)
-  pixels = np.stack([_shapes(rng, 24) for _ in range(6)])
-  widths, shades = [1, 3, 5, 5, 1, 3], [0, 10, 20, 30, 40, 79]
-  got = transforms.outline_pixels(pixels, widths, shades)
-  for p, w, s, g in zip(pixels, widths, shades, got):
-    ink = p.min(-1) < 245
-    changed = np.any(g != p, axis=-1)
-    # Rings of different widths differ; the ring is in this image's shade.
-    assert np.all(g[changed] == s)
-    ring = np.zeros_like(ink)
-    r = w // 2
-    for y in range(24):
-      for x in range(24):
-        near = ink[max(0, y - r):y + r + 1, max(0, x - r):x + r + 1].any()
-        inside = ink[max(0, y - 1):y + 2, max(0, x - 1):x + 2].all()
-        ring[y, x] = near and not inside
-    np.testing.assert_array_equal(changed, ring & np.any(p != s, -1))
-
-
 def test_window_weights_cache_survives_overflow(monkeypatch):
   monkeypatch.setattr(transforms, "_WINDOW_WEIGHTS", {})
   monkeypatch.setattr(transforms, "_WINDOW_WEIGHTS_MAX", 5)

@@ -259,6 +259,24 @@ def test_draw_outline_rings_the_silhouette():
   assert widths == {0, 1, 2}  # Widths 1, 3, 5 all drawn: 0-2 px outside.
 
 
+def test_batched_outline_equals_the_ring_of_each_width():
+  """outline_pixels draws each image's own width and shade in one batch."""
+  rng = np.random.default_rng(1)
+  pixels = np.full((6, 24, 24, 3), 255, np.uint8)
+  for image in pixels:
+    for _ in range(3):
+      y, x = rng.integers(0, 18, 2)
+      image[y:y + 6, x:x + 7] = rng.integers(0, 200, 3)
+  widths, shades = [1, 3, 5, 5, 1, 3], [0, 10, 20, 30, 40, 79]
+  out = transforms.outline_pixels(pixels, widths, shades)
+  for image, width, shade, drawn in zip(pixels, widths, shades, out):
+    changed = np.any(drawn != image, axis=-1)
+    assert np.all(drawn[changed] == shade)
+    ring = _ring_reference(image.min(-1) < 245, width)
+    # A ring pixel already of the shade's colour shows no change.
+    np.testing.assert_array_equal(changed, ring & np.any(image != shade, -1))
+
+
 def test_decode_formats():
   rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # Transparent -> white.
   buf = io.BytesIO()
