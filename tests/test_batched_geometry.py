@@ -112,8 +112,8 @@ def test_chunk_geometry_equals_per_example_geometry():
   records = [{"image": _shapes(rng, 40 if i % 3 else 24),
               "captions": [f"c{i}"]} for i in range(14)]
   records[5] = {"image": np.zeros((0, 4, 3), np.uint8), "captions": ["x"]}
-  png = Image.fromarray(_shapes(rng)).tobytes()  # Raw bytes: a bad record.
-  records[7] = {"image": png, "captions": ["y"]}
+  raw = _shapes(rng).tobytes()  # Not an encoded image: a bad record.
+  records[7] = {"image": raw, "captions": ["y"]}
   buf = io.BytesIO()
   Image.fromarray(_shapes(rng)).save(buf, "PNG")
   records[9] = {"image": buf.getvalue(), "captions": ["z"]}

@@ -238,7 +238,7 @@ def _dark_border(out):
   return all(out[y, x].max() < 90 for y, x in ((10, 15), (21, 15), (15, 10)))
 
 
-def test_draw_outline_rings_the_silhouette():
+def test_outline_rings_the_silhouette():
   image = np.full((32, 32, 3), 255, np.uint8)
   image[10:22, 10:22] = (200, 30, 30)
   image[14:18, 14:18] = 255  # A hole: outlined from inside too.
@@ -246,8 +246,9 @@ def test_draw_outline_rings_the_silhouette():
   ink = image.min(-1) < 245
   widths = set()
   for seed in range(12):
-    out = np.asarray(transforms.draw_outline(Image.fromarray(image),
-                                             np.random.default_rng(seed)))
+    width, shade = transforms.draw_outline_params(
+        np.random.default_rng(seed))
+    out = transforms.outline_pixels(image[None], [width], [shade])[0]
     changed = np.any(out != image, axis=-1)
     widths.add(int(changed[5:27, 0:10].any(axis=0).sum()))  # Left of it.
     shade = out[changed][0]

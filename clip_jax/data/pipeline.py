@@ -109,7 +109,7 @@ Data config keys (`config.data`, defaults in `default_data_config()`):
   style_strength    colour jitter / greyscale / blur in training
                     (transforms.draw_style); 0 = off.
   outline_prob      probability of drawing a dark contour around the
-                    silhouette in training (transforms.draw_outline:
+                    silhouette in training (transforms.outline_pixels:
                     line-art styles outline shapes); 0 = off.
   class_name_caption  training also samples the example's class name
                     (source.class_names[label]) as a caption; emoji: a

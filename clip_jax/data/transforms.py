@@ -304,14 +304,6 @@ def outline_pixels(pixels: np.ndarray, widths, shades) -> np.ndarray:
   return out
 
 
-def draw_outline(img: Image.Image, rng: np.random.Generator,
-                 max_width: int = 5) -> Image.Image:
-  """outline_pixels of one PIL image, width and shade drawn from rng."""
-  width, shade = draw_outline_params(rng, max_width)
-  return Image.fromarray(
-      outline_pixels(np.asarray(img)[None], [width], [shade])[0])
-
-
 class Geometry(NamedTuple):
   """One example's geometric draws: the crop box in source pixels (it may
   reach outside the image: zoom out), the outline's width (0: none) and
