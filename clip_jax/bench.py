@@ -344,9 +344,10 @@ def _minor_page_faults() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def bench_train_loop(config, windows: int, calls: int):
+def pipeline_feed(config, mesh):
+  """(the config's training iterator, a no-argument function returning its
+  next batch as global arrays, as the train loop ships it)."""
   from clip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  step, state, mesh = _make_step(config)
   iterator, _ = pipeline.make_train_iterator(
       config.data, global_batch_size=config.batch_size, seed=0)
 
@@ -355,6 +356,12 @@ def bench_train_loop(config, windows: int, calls: int):
     return sharding_lib.host_to_global(
         {k: local[k] for k in ("image", "text")}, mesh)
 
+  return iterator, next_batch
+
+
+def bench_train_loop(config, windows: int, calls: int):
+  step, state, mesh = _make_step(config)
+  iterator, next_batch = pipeline_feed(config, mesh)
   window = _timed_window(step, state, next_batch, calls)
   with iterator:
     window()  # Compile, start the pipeline.

@@ -31,7 +31,6 @@ import numpy as np
 from absl import app, flags
 
 from clip_jax import bench, host_malloc
-from clip_jax import sharding as sharding_lib
 from clip_jax.data import pipeline, transforms
 
 VARIANTS = ("as_is", "no_geometry", "grain_only", "workers")
@@ -65,14 +64,7 @@ def main(argv):
   config.data.worker_count = 1 if _VARIANT.value == "workers" else 0
   step, state, mesh = bench._make_step(config)  # pylint: disable=protected-access
   fixed = bench.float_batch(config, mesh)
-  iterator, _ = pipeline.make_train_iterator(
-      config.data, global_batch_size=config.batch_size, seed=0)
-
-  def from_pipeline():
-    local = next(iterator)
-    return sharding_lib.host_to_global(
-        {k: local[k] for k in ("image", "text")}, mesh)
-
+  iterator, from_pipeline = bench.pipeline_feed(config, mesh)
   holder = {"state": state}
 
   def window(next_batch):
