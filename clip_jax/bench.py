@@ -20,11 +20,14 @@
   ratio        pipeline / train_step: above 1 the step is the bottleneck;
   train_loop   examples/s of the step fed by the pipeline, as training runs
                them: on a small machine both share the same cores, so this
-               is below either figure alone, and 1 - train_loop / train_step
-               is the share of the loop's time the input costs.
-Both step figures sync once per window of --steps_per_window steps, after
-the last, as clip_jax.train syncs only at its log steps (so the host fetches
-and ships the next batch while a step runs).
+               is below either figure alone. Its windows (--loop_steps
+               steps) alternate with windows of the step on a fixed batch
+               for --loop_rounds rounds, and 1 - train_loop / that step
+               figure is the share of the loop's time the input costs.
+Every window (--steps_per_window steps; --loop_steps for the loop and the
+step beside it) syncs once, after its last step, as clip_jax.train syncs
+only at its log steps (so the host fetches and ships the next batch while
+a step runs).
 The machine is shared and noisy, so all are medians of several windows
 measured in the same run, and the ratios are the figures to compare.
 `step` also prints, for the train step: compile seconds, model FLOPs per
@@ -148,6 +151,11 @@ _BATCH = flags.DEFINE_integer("batch", None, "step: batch size override.")
 _LOOP = flags.DEFINE_bool(
     "loop", None, "step: also time the input pipeline and the train loop "
     "(default: yes, except for --model b32).")
+_LOOP_ROUNDS = flags.DEFINE_integer(
+    "loop_rounds", 7, "step: alternated rounds of loop and step windows.")
+_LOOP_STEPS = flags.DEFINE_integer(
+    "loop_steps", 24, "step: steps per loop / step window (>> the prefetch "
+    "depth).")
 _SET = flags.DEFINE_list(
     "set", [], "step: config overrides key=value (e.g. "
     "model.attention=fused_qkv); values parsed as Python literals.")
@@ -359,13 +367,34 @@ def pipeline_feed(config, mesh):
   return iterator, next_batch
 
 
-def bench_train_loop(config, windows: int, calls: int):
+def bench_loop_against_step(config, rounds: int, steps: int):
+  """({"step": rates, "loop": rates}): windows of `steps` train steps fed
+  one fixed batch (the pipeline's first) and fed by the pipeline,
+  alternated for `rounds` rounds in one process on one state, so that the
+  shared machine's noise hits both alike. Windows much longer than the
+  prefetch depth keep the batches the pipeline makes during a step window
+  a small part of a loop window's input."""
   step, state, mesh = _make_step(config)
   iterator, next_batch = pipeline_feed(config, mesh)
-  window = _timed_window(step, state, next_batch, calls)
+  holder = {"state": state}
+
+  def window(batch_fn):
+    start = time.perf_counter()
+    for _ in range(steps):
+      holder["state"], metrics = step(holder["state"], batch_fn())
+    jax.block_until_ready(metrics)
+    return steps * config.batch_size / (time.perf_counter() - start)
+
   with iterator:
-    window()  # Compile, start the pipeline.
-    return _median_rate(window, config.batch_size * calls, windows, 1)
+    fixed = next_batch()
+    feeds = {"step": lambda: fixed, "loop": next_batch}
+    for feed in feeds.values():  # Compile; start the pipeline.
+      window(feed)
+    rates = {name: [] for name in feeds}
+    for _ in range(rounds):
+      for name, feed in feeds.items():
+        rates[name].append(window(feed))
+  return rates
 
 
 def bench_pipeline(config, windows: int, calls: int):
@@ -426,23 +455,30 @@ def main_step():
         "before and after)")
   if loop:
     data_rate, data_all = bench_pipeline(config, _WINDOWS.value, _STEPS.value)
-    loop_rate, loop_all = bench_train_loop(config, _WINDOWS.value,
-                                           _STEPS.value)
+    alternated = bench_loop_against_step(config, _LOOP_ROUNDS.value,
+                                         _LOOP_STEPS.value)
+    loop_rate = statistics.median(alternated["loop"])
+    beside = statistics.median(alternated["step"])
     result.update({
         "pipeline_examples_per_sec": data_rate,
         "pipeline_windows": data_all,
         "pipeline_over_step": data_rate / step_rate,
         "train_loop_examples_per_sec": loop_rate,
-        "train_loop_windows": loop_all,
-        "input_share_of_loop_time": 1 - loop_rate / step_rate,
+        "train_loop_windows": alternated["loop"],
+        "train_step_alternated_examples_per_sec": beside,
+        "train_step_alternated_windows": alternated["step"],
+        "input_share_of_loop_time": 1 - loop_rate / beside,
+        "loop_rounds": _LOOP_ROUNDS.value, "loop_steps": _LOOP_STEPS.value,
         "worker_count": config.data.worker_count,
     })
     print(f"pipeline:   {data_rate:8.1f} examples/s "
           f"(worker_count={config.data.worker_count})")
     print(f"pipeline / step = {data_rate / step_rate:.2f} (target >= 2)")
-    print(f"train loop: {loop_rate:8.1f} examples/s (step fed by the "
-          f"pipeline on the same cores: the input costs "
-          f"{100 * (1 - loop_rate / step_rate):.0f}% of the loop's time)")
+    print(f"train loop: {loop_rate:8.1f} examples/s against the step's "
+          f"{beside:.1f} (medians of {_LOOP_ROUNDS.value} alternated windows "
+          f"of {_LOOP_STEPS.value} steps each; the pipeline shares the "
+          f"cores): the input costs {100 * (1 - loop_rate / beside):.0f}% of "
+          "the loop's time")
   _write_json(result, _OUT.value or "runs/bench.json")
 
 

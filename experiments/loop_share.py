@@ -2,13 +2,11 @@
 
   PYTHONPATH=. .venv/bin/python experiments/loop_share.py --variant as_is
 
-One process: the demo's train step (batch 256) alternately fed a fixed
-device batch ("bare") and the pipeline ("loop"), --rounds rounds of
---steps-step windows each; prints the medians and the input's share of
-the loop's time, 1 - loop / bare. Long windows keep the prefetch queue's
-head start (2 batches made during a bare window) a small part of a loop
-window's input. Run the variants in turn, several times: on a noisy
-machine one run moves by several points.
+`bench step`'s loop figure (bench.bench_loop_against_step: the demo's
+train step, batch 256, fed a fixed batch and fed by the pipeline in
+alternated windows) with parts of the pipeline made free. Run the
+variants in turn, several times: on a noisy machine one run moves by
+several points.
 
 Variants take host work out of the pipeline, to show where the share
 comes from:
@@ -24,9 +22,7 @@ comes from:
 """
 
 import statistics
-import time
 
-import jax
 import numpy as np
 from absl import app, flags
 
@@ -62,30 +58,11 @@ def main(argv):
   strip_host_work(_VARIANT.value)
   config = bench.step_config("demo", None, 256)
   config.data.worker_count = 1 if _VARIANT.value == "workers" else 0
-  step, state, mesh = bench._make_step(config)  # pylint: disable=protected-access
-  fixed = bench.float_batch(config, mesh)
-  iterator, from_pipeline = bench.pipeline_feed(config, mesh)
-  holder = {"state": state}
-
-  def window(next_batch):
-    start = time.perf_counter()
-    for _ in range(_STEPS.value):
-      holder["state"], metrics = step(holder["state"], next_batch())
-    jax.block_until_ready(metrics)
-    return _STEPS.value * config.batch_size / (time.perf_counter() - start)
-
-  feeds = {"bare": lambda: fixed, "loop": from_pipeline}
-  with iterator:
-    for feed in feeds.values():  # Compile; start the pipeline.
-      window(feed)
-    rates = {name: [] for name in feeds}
-    for _ in range(_ROUNDS.value):
-      for name, feed in feeds.items():
-        rates[name].append(window(feed))
-  bare, loop = (statistics.median(rates[k]) for k in ("bare", "loop"))
-  print(f"{_VARIANT.value}: bare step {bare:,.0f} ex/s, loop {loop:,.0f} "
+  rates = bench.bench_loop_against_step(config, _ROUNDS.value, _STEPS.value)
+  step, loop = (statistics.median(rates[k]) for k in ("step", "loop"))
+  print(f"{_VARIANT.value}: bare step {step:,.0f} ex/s, loop {loop:,.0f} "
         f"ex/s (medians of {_ROUNDS.value} alternated {_STEPS.value}-step "
-        f"windows): the input costs {100 * (1 - loop / bare):.1f}% of the "
+        f"windows): the input costs {100 * (1 - loop / step):.1f}% of the "
         "loop's time")
 
 
