@@ -152,10 +152,11 @@ _LOOP = flags.DEFINE_bool(
     "loop", None, "step: also time the input pipeline and the train loop "
     "(default: yes, except for --model b32).")
 _LOOP_ROUNDS = flags.DEFINE_integer(
-    "loop_rounds", 7, "step: alternated rounds of loop and step windows.")
+    "loop_rounds", 7, "step: alternated rounds of loop and step windows.",
+    lower_bound=1)
 _LOOP_STEPS = flags.DEFINE_integer(
     "loop_steps", 24, "step: steps per loop / step window (>> the prefetch "
-    "depth).")
+    "depth).", lower_bound=1)
 _SET = flags.DEFINE_list(
     "set", [], "step: config overrides key=value (e.g. "
     "model.attention=fused_qkv); values parsed as Python literals.")
@@ -211,11 +212,11 @@ def _timed_steps(step, state, next_batch):
   return one_step
 
 
-def _timed_window(step, state, next_batch, steps: int):
-  """A no-argument function running `steps` steps, synced after the last
-  only, as clip_jax.train's loop syncs only at its log steps: the host
-  fetches and ships batch i + 1 while step i runs."""
-  holder = {"state": state}
+def _timed_window(step, holder: dict, next_batch, steps: int):
+  """A no-argument function running `steps` steps on holder["state"],
+  synced after the last only, as clip_jax.train's loop syncs only at its
+  log steps: the host fetches and ships batch i + 1 while step i runs.
+  Windows sharing a holder carry one state on (the step donates it)."""
 
   def window():
     for _ in range(steps):
@@ -336,7 +337,7 @@ def bench_train_step(config, windows: int, calls: int,
   """(median examples/s, all windows, facts of the compiled step)."""
   compiled, state, batch, compile_s, flops = compiled_step(config,
                                                            compiler_options)
-  window = _timed_window(compiled, state, lambda: batch, calls)
+  window = _timed_window(compiled, {"state": state}, lambda: batch, calls)
   window()  # Warm-up.
   faults = _minor_page_faults()
   rate, rates = _median_rate(window, config.batch_size * calls, windows, 1)
@@ -377,23 +378,18 @@ def bench_loop_against_step(config, rounds: int, steps: int):
   step, state, mesh = _make_step(config)
   iterator, next_batch = pipeline_feed(config, mesh)
   holder = {"state": state}
-
-  def window(batch_fn):
-    start = time.perf_counter()
-    for _ in range(steps):
-      holder["state"], metrics = step(holder["state"], batch_fn())
-    jax.block_until_ready(metrics)
-    return steps * config.batch_size / (time.perf_counter() - start)
-
   with iterator:
     fixed = next_batch()
-    feeds = {"step": lambda: fixed, "loop": next_batch}
-    for feed in feeds.values():  # Compile; start the pipeline.
-      window(feed)
-    rates = {name: [] for name in feeds}
+    windows = {name: _timed_window(step, holder, feed, steps)
+               for name, feed in (("step", lambda: fixed),
+                                  ("loop", next_batch))}
+    for window in windows.values():  # Compile; start the pipeline.
+      window()
+    rates = {name: [] for name in windows}
     for _ in range(rounds):
-      for name, feed in feeds.items():
-        rates[name].append(window(feed))
+      for name, window in windows.items():
+        rates[name].append(_median_rate(window, steps * config.batch_size,
+                                        1, 1)[0])
   return rates
 
 

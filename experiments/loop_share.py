@@ -31,8 +31,9 @@ from clip_jax.data import pipeline, transforms
 
 VARIANTS = ("as_is", "no_geometry", "grain_only", "workers")
 _VARIANT = flags.DEFINE_enum("variant", "as_is", VARIANTS, "See above.")
-_ROUNDS = flags.DEFINE_integer("rounds", 7, "Alternated rounds.")
-_STEPS = flags.DEFINE_integer("steps", 24, "Steps per window.")
+_ROUNDS = flags.DEFINE_integer("rounds", 7, "Alternated rounds.",
+                               lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", 24, "Steps per window.", lower_bound=1)
 
 
 def strip_host_work(variant: str) -> None:
